@@ -1,0 +1,72 @@
+"""The density loss (METHOD.md §3, paper eq. 6).
+
+    L_density = (1/N) Σ_l Σ_j f(a_lj)
+
+over real tokens × neurons × layers of one stack; encoder and decoder terms are weighted
+separately and the total is scaled by the global λ (eq. 8). The per-site reduction happens
+inside the capture hook (:func:`site_term`), so activations are never kept beyond their use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .approx import apply_fp32, make_approx
+
+
+@dataclass(frozen=True)
+class DensityLossConfig:
+    """How DEFT penalises density.
+
+    ``weight`` is λ of eq. 8 (0 turns DEFT into PEFT). ``approx`` names the stand-in for
+    1[a ≠ 0] (``l0``, ``tanh``, ``sigmoid``, ``l1``); ``eps``/``beta`` are its parameter
+    (``None`` → the form's default: ε = 1e-7, β = 1). ``encoder_weight``/``decoder_weight``
+    weigh the two stacks' terms (either may be 0).
+    """
+
+    weight: float = 1.0
+    approx: str = "l0"
+    eps: float | None = None
+    beta: float | None = None
+    encoder_weight: float = 1.0
+    decoder_weight: float = 1.0
+
+    def __post_init__(self):
+        for name in ("weight", "encoder_weight", "decoder_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.build_approx()  # validates approx name and parameters early
+
+    def build_approx(self):
+        return make_approx(self.approx, eps=self.eps, beta=self.beta)
+
+    def stack_weight(self, stack: str) -> float:
+        return self.encoder_weight if stack == "encoder" else self.decoder_weight
+
+
+def site_term(act: torch.Tensor, mask: torch.Tensor, approx) -> tuple[torch.Tensor, int]:
+    """Σ f(a) over the real tokens of one site, and the number of elements summed.
+
+    ``act`` is (B, T, h), ``mask`` (B, T) bool. f is evaluated in fp32 (see :mod:`deft.approx`).
+    """
+    f = apply_fp32(approx, act)
+    total = (f * mask.unsqueeze(-1).to(f.dtype)).sum()
+    return total, int(mask.sum()) * act.shape[-1]
+
+
+def combine_terms(terms: dict[str, list[tuple[torch.Tensor, int]]], config: DensityLossConfig) -> torch.Tensor | None:
+    """λ · Σ_stack w_stack · (Σ_sites Σ f) / N_stack — eq. 6 per stack, eq. 8's λ on top.
+
+    Returns ``None`` when nothing was captured (e.g. a forward without gradients).
+    """
+    total = None
+    for stack, items in terms.items():
+        weight = config.stack_weight(stack)
+        count = sum(n for _, n in items)
+        if not items or count == 0 or weight == 0:
+            continue
+        value = weight * torch.stack([s for s, _ in items]).sum() / count
+        total = value if total is None else total + value
+    return None if total is None else config.weight * total

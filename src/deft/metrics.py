@@ -1,0 +1,151 @@
+"""Activation density, streamed over a whole evaluation set (METHOD.md §2).
+
+:class:`DensityMeter` keeps a handful of integer counters per site — never the activations —
+so memory stays flat however large the evaluation set is. Per site it counts, over real
+tokens only:
+
+* exact density: share of entries ``a != 0``;
+* threshold density: share of entries ``|a| > τ`` (what a zero-skipping kernel or a
+  thresholded deployment can exploit; GELU is exactly 0 only far below zero);
+* union density per sequence: share of neurons active (``|a| > τ_u``, τ_u = 0 → exact) for at
+  least one token of the sequence — what decides whether a dense kernel could skip a neuron
+  for a whole sequence.
+
+Model density is the mean over layers (as the paper averages across layers); per-stack
+numbers are means over that stack's layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .sites import STACKS, ActivationSite
+
+
+@dataclass
+class SiteCounts:
+    """Running counts for one activation site."""
+
+    elements: int = 0  # real tokens × width
+    nonzero: int = 0
+    above: int = 0  # |a| > threshold
+    tokens: int = 0
+    union_active: int = 0  # Σ over sequences of #neurons active for ≥ 1 token
+    union_total: int = 0  # Σ over sequences of width
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+@dataclass
+class DensityMeter:
+    """Streams density statistics for a list of sites; fed by :class:`deft.capture.ActivationCapture`."""
+
+    sites: tuple[ActivationSite, ...]
+    threshold: float = 1e-2
+    counts: list[SiteCounts] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.threshold < 0:
+            raise ValueError(f"density threshold must be >= 0, got {self.threshold}")
+        self.sites = tuple(self.sites)
+        self.counts = [SiteCounts() for _ in self.sites]
+        self._union: dict[int, torch.Tensor] = {}  # per site: (B, width) bool, current sequences
+
+    @torch.no_grad()
+    def update(self, index: int, act: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add one activation tensor ``act`` (B, T, h) with real-token ``mask`` (B, T) bool."""
+        c = self.counts[index]
+        width = act.shape[-1]
+        m = mask.unsqueeze(-1)
+        nz = (act != 0) & m
+        c.nonzero += int(nz.sum())
+        c.above += int(((act.abs() > self.threshold) & m).sum())
+        n_tokens = int(mask.sum())
+        c.tokens += n_tokens
+        c.elements += n_tokens * width
+        seq_active = nz.any(dim=1)  # (B, h)
+        live = mask.any(dim=1)  # sequences with at least one real token in this pass
+        prev = self._union.get(index)
+        if prev is not None and prev[0].shape == seq_active.shape:
+            self._union[index] = (prev[0] | seq_active, prev[1] | live)
+        else:
+            if prev is not None:
+                self._flush_site(index)
+            self._union[index] = (seq_active, live)
+
+    def end_sequences(self) -> None:
+        """Close the current sequences: their union density is final (called between batches)."""
+        for index in list(self._union):
+            self._flush_site(index)
+
+    def _flush_site(self, index: int) -> None:
+        active, live = self._union.pop(index)
+        c = self.counts[index]
+        c.union_active += int(active[live].sum())
+        c.union_total += int(live.sum()) * active.shape[-1]
+
+    def reset(self) -> None:
+        self.counts = [SiteCounts() for _ in self.sites]
+        self._union.clear()
+
+    def result(self) -> "DensityReport":
+        self.end_sequences()
+        per_layer = []
+        for site, c in zip(self.sites, self.counts):
+            per_layer.append({
+                "site": site.module, "stack": site.stack, "layer": site.layer, "width": site.width,
+                "density": _ratio(c.nonzero, c.elements),
+                "density_threshold": _ratio(c.above, c.elements),
+                "union_density": _ratio(c.union_active, c.union_total),
+                "tokens": c.tokens,
+            })
+        return DensityReport(per_layer=per_layer, threshold=self.threshold)
+
+
+@dataclass
+class DensityReport:
+    """Density of a model over a dataset; ``to_dict`` gives the JSON shape used everywhere."""
+
+    per_layer: list[dict]
+    threshold: float
+
+    def _stack_mean(self, key: str, stack: str | None) -> float | None:
+        return _mean([row[key] for row in self.per_layer if stack is None or row["stack"] == stack])
+
+    @property
+    def overall(self) -> float | None:
+        return self._stack_mean("density", None)
+
+    def stack(self, name: str, key: str = "density") -> float | None:
+        return self._stack_mean(key, name)
+
+    def to_dict(self) -> dict:
+        def block(key):
+            return {"overall": self._stack_mean(key, None),
+                    **{s: self._stack_mean(key, s) for s in STACKS}}
+
+        exact, above, union = block("density"), block("density_threshold"), block("union_density")
+        return {
+            "overall": exact["overall"], "encoder": exact["encoder"], "decoder": exact["decoder"],
+            "per_layer": self.per_layer,
+            "threshold": {"tau": self.threshold, **above},
+            "union": union,
+            # real tokens seen by each stack (every layer of a stack sees the same tokens)
+            "tokens": {s: next((r["tokens"] for r in self.per_layer if r["stack"] == s), None) for s in STACKS},
+        }
+
+
+def density_change(d_peft: float, d_deft: float) -> float:
+    """Density change in % (eq. 10): (D_PEFT − D_DEFT) / D_PEFT × 100."""
+    if d_peft <= 0:
+        raise ValueError(f"density change needs a positive baseline density, got {d_peft}")
+    return (d_peft - d_deft) / d_peft * 100.0

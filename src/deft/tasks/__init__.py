@@ -1,0 +1,59 @@
+"""Task registry: benchmark task specs by name (GLUE now; other benchmarks such as SQuAD plug in here)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Protocol
+
+from deft.tasks.glue import (
+    GLUE_TASKS,
+    GlueTask,
+    compute_glue_metrics,
+    load_glue,
+    normalize_task_name,
+    predictions_from_logits,
+    resolve_data_dir,
+)
+
+__all__ = [
+    "TASKS",
+    "GlueTask",
+    "TaskSpec",
+    "compute_glue_metrics",
+    "get_task",
+    "load_glue",
+    "predictions_from_logits",
+    "resolve_data_dir",
+]
+
+
+class TaskSpec(Protocol):
+    """What every registered task spec provides; benchmark-specific specs add their own fields."""
+
+    @property
+    def name(self) -> str:
+        """Canonical lowercase task name (the registry key)."""
+        ...
+
+    @property
+    def main_metric(self) -> str:
+        """Metric key used for model selection."""
+        ...
+
+
+# Read-only so the registry is fixed at import time; new benchmarks add their specs here.
+TASKS: Mapping[str, TaskSpec] = MappingProxyType({**GLUE_TASKS})
+"""All tasks by canonical name."""
+
+
+def get_task(name: str) -> TaskSpec:
+    """Return the spec for ``name``, case-insensitively and ignoring ``-``/``_`` (``"SST-2"`` -> ``sst2``).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid task names.
+    """
+    spec = TASKS.get(normalize_task_name(name))
+    if spec is None:
+        raise ValueError(f"Unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    return spec
