@@ -85,7 +85,6 @@ class ActivationCapture:
         self._terms: dict[str, list] = {s: [] for s in STACKS}
         self._grouped = 0
         self._encdec = bool(getattr(self.base.config, "is_encoder_decoder", False))
-        self._signature = inspect.signature(self.base.forward)
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self) -> "ActivationCapture":
@@ -100,7 +99,15 @@ class ActivationCapture:
                 self._handles.append(module.register_forward_hook(partial(self._on_output, index)))
             else:
                 self._handles.append(module.register_forward_pre_hook(partial(self._on_input, index)))
-        self._handles.append(self.base.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        # Masks are read where the model is entered. peft's prefix tuning calls the backbone
+        # (e.g. ``model.bert``) directly, skipping the task model's forward, so hook both.
+        entries = [self.base]
+        backbone = getattr(self.base, "base_model", None)
+        if isinstance(backbone, nn.Module) and backbone is not self.base and not self._encdec:
+            entries.append(backbone)
+        for entry in entries:
+            hook = partial(self._on_model_call, inspect.signature(entry.forward))
+            self._handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True))
         if self._encdec:
             encoder = self.base.get_encoder()
             self._handles.append(encoder.register_forward_pre_hook(self._on_encoder_call, with_kwargs=True))
@@ -156,8 +163,8 @@ class ActivationCapture:
     def _mask_2d(mask):
         return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
-    def _on_model_call(self, module, args, kwargs):
-        bound = self._bind(self._signature, args, kwargs)
+    def _on_model_call(self, signature, module, args, kwargs):
+        bound = self._bind(signature, args, kwargs)
         self._reset_pass()
         if self.meter is not None and not self._grouped:
             self.meter.end_sequences()
@@ -193,14 +200,19 @@ class ActivationCapture:
         self._record(index, inputs[0])
 
     def _record(self, index: int, act: torch.Tensor) -> None:
+        site = self.sites.sites[index]
+        act3, mask = align_mask(act, self._masks[site.stack], self._batch_size)
+        wants_loss = self.approx is not None and torch.is_grad_enabled() and act.requires_grad
         if index in self._fired:
+            # Recomputation under gradient checkpointing: redo the loss ops so the checkpoint sees
+            # the same saved tensors as in the forward (it checks), but count nothing.
             self.recomputed[index] += 1
+            if wants_loss:
+                site_term(act3, mask, self.approx)
             return
         self._fired.add(index)
         self.calls[index] += 1
-        site = self.sites.sites[index]
-        act3, mask = align_mask(act, self._masks[site.stack], self._batch_size)
-        if self.approx is not None and torch.is_grad_enabled() and act.requires_grad:
+        if wants_loss:
             self._terms[site.stack].append(site_term(act3, mask, self.approx))
         if self.meter is not None:
             self.meter.update(index, act3.detach(), mask)

@@ -1,0 +1,128 @@
+"""Hand-computed approximations, loss (eq. 6) and density (METHOD.md §2) on small fixed tensors."""
+
+import math
+
+import pytest
+import torch
+
+from deft.approx import APPROXIMATIONS, apply_fp32, make_approx
+from deft.loss import DensityLossConfig, combine_terms, site_term
+from deft.metrics import DensityMeter, density_change
+from deft.sites import ActivationSite
+
+A = torch.tensor([[[0.0, 1.0, -2.0], [0.5, 0.0, 0.0]],
+                  [[3.0, 0.0, 0.001], [9.0, 9.0, 9.0]]])  # (B=2, T=2, h=3); last token of seq 2 is padding
+MASK = torch.tensor([[True, True], [True, False]])
+
+
+def test_approximations_by_hand():
+    a = torch.tensor([0.0, 1.0, -2.0])
+    torch.testing.assert_close(make_approx("l0", eps=1.0)(a), torch.tensor([0.0, 0.5, 0.8]))
+    torch.testing.assert_close(make_approx("tanh", beta=2.0)(a), torch.tanh(torch.tensor([0.0, 2.0, -4.0])))
+    torch.testing.assert_close(make_approx("sigmoid", beta=1.0)(a), torch.sigmoid(a))
+    torch.testing.assert_close(make_approx("l1")(a), torch.tensor([0.0, 1.0, 2.0]))
+    assert make_approx("l0").eps == 1e-7  # the paper's reference ε
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("l0", {"eps": 0.0}, "eps > 0"), ("l0", {"eps": -1e-3}, "eps > 0"), ("tanh", {"beta": 0.0}, "beta > 0"),
+    ("sigmoid", {"beta": -1.0}, "beta > 0"), ("relu6", {}, "unknown density approximation"),
+    ("l0", {"beta": 2.0}, "takes"), ("l1", {"eps": 1e-3}, "takes"),
+])
+def test_invalid_approximations_rejected(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        make_approx(name, **params)
+
+
+def test_approx_in_fp32_under_autocast():
+    a = torch.full((4,), 1e-4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = apply_fp32(make_approx("l0", eps=1e-7), a)
+    assert out.dtype == torch.float32
+    expected = (1e-4 ** 2) / (1e-4 ** 2 + 1e-7)  # 0.0990…: ε matters; in bf16 it would not
+    torch.testing.assert_close(out, torch.full((4,), expected), rtol=2e-2, atol=0)
+
+
+def test_site_term_counts_real_tokens_only():
+    total, count = site_term(A, MASK, make_approx("l1"))
+    # real tokens: [0,1,-2], [0.5,0,0], [3,0,0.001] → |a| summed
+    assert count == 9
+    assert total.item() == pytest.approx(3 + 0.5 + 3.001)
+
+
+def test_loss_eq6_pools_layers_and_weights_stacks():
+    approx = make_approx("l0", eps=1.0)
+    enc = [site_term(A, MASK, approx), site_term(torch.zeros(2, 2, 3), MASK, approx)]
+    dec = [site_term(torch.ones(1, 1, 3), torch.ones(1, 1, dtype=torch.bool), approx)]
+    f = lambda x: x * x / (x * x + 1)  # noqa: E731
+    enc_sum = sum(f(v) for v in [1.0, -2.0, 0.5, 3.0, 0.001])
+    enc_loss = enc_sum / 18  # 9 real elements per layer × 2 layers
+    dec_loss = 0.5  # f(1) = 0.5 for every element
+    cfg = DensityLossConfig(weight=2.0, approx="l0", eps=1.0, encoder_weight=1.0, decoder_weight=3.0)
+    value = combine_terms({"encoder": enc, "decoder": dec}, cfg)
+    assert value.item() == pytest.approx(2.0 * (enc_loss + 3.0 * dec_loss), rel=1e-6)
+    cfg0 = DensityLossConfig(approx="l0", eps=1.0, decoder_weight=0.0)
+    assert combine_terms({"encoder": enc, "decoder": dec}, cfg0).item() == pytest.approx(enc_loss, rel=1e-6)
+    assert combine_terms({"encoder": [], "decoder": []}, cfg) is None
+
+
+@pytest.mark.parametrize("field", ["weight", "encoder_weight", "decoder_weight"])
+def test_loss_config_rejects_negative_weights(field):
+    with pytest.raises(ValueError, match=field):
+        DensityLossConfig(**{field: -1.0})
+
+
+def test_loss_config_validates_approx_early():
+    with pytest.raises(ValueError, match="choose one of"):
+        DensityLossConfig(approx="l2")
+
+
+def _site(i, stack="encoder"):
+    return ActivationSite(module=f"m{i}", point="act", stack=stack, layer=i, width=3, activation="GELU", family="t")
+
+
+def test_density_meter_by_hand():
+    meter = DensityMeter((_site(0), _site(1, "decoder")), threshold=0.01)
+    meter.update(0, A, MASK)
+    meter.update(1, torch.zeros(2, 2, 3), MASK)
+    rep = meter.result().to_dict()
+    row = rep["per_layer"][0]
+    # real entries: 0,1,-2 | .5,0,0 | 3,0,.001 → 5 non-zero of 9; |a|>0.01: 4 of 9
+    assert row["density"] == pytest.approx(5 / 9)
+    assert row["density_threshold"] == pytest.approx(4 / 9)
+    # union per sequence (exact): seq1 neurons {0,1,2} all active → 3/3; seq2 {0,2} → 2/3
+    assert row["union_density"] == pytest.approx(5 / 6)
+    assert row["tokens"] == 3
+    assert rep["encoder"] == pytest.approx(5 / 9) and rep["decoder"] == 0.0
+    assert rep["overall"] == pytest.approx((5 / 9 + 0) / 2)
+    assert rep["threshold"]["tau"] == 0.01 and rep["threshold"]["encoder"] == pytest.approx(4 / 9)
+    assert rep["tokens"] == {"encoder": 3, "decoder": 3}
+
+
+def test_density_meter_streams_without_holding_activations():
+    meter = DensityMeter((_site(0),))
+    for _ in range(50):
+        meter.update(0, A, MASK)
+        meter.end_sequences()
+    row = meter.result().per_layer[0]
+    assert row["density"] == pytest.approx(5 / 9) and row["tokens"] == 150
+    assert not meter._union  # nothing retained after the sequences closed
+
+
+def test_absent_stack_is_none():
+    meter = DensityMeter((_site(0),))
+    meter.update(0, A, MASK)
+    rep = meter.result().to_dict()
+    assert rep["decoder"] is None and rep["threshold"]["decoder"] is None and rep["tokens"]["decoder"] is None
+
+
+def test_density_change_eq10():
+    assert density_change(0.94, 0.47) == pytest.approx(50.0)
+    assert density_change(0.5, 0.5) == 0.0
+    with pytest.raises(ValueError):
+        density_change(0.0, 0.1)
+
+
+def test_all_approximations_registered():
+    assert set(APPROXIMATIONS) == {"l0", "tanh", "sigmoid", "l1"}
+    assert not math.isnan(make_approx("tanh")(torch.tensor(1.0)).item())
