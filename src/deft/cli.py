@@ -72,6 +72,81 @@ def cmd_density(args) -> int:
     return 0
 
 
+# -- train / compare / eval --------------------------------------------------------------------
+DEFAULT_EPS = 1e-2
+
+
+def _train_config(args):
+    from .loss import DensityLossConfig
+    from .train import TrainConfig
+
+    eps = args.eps if args.eps is not None or args.approx != "l0" else DEFAULT_EPS
+    density = DensityLossConfig(weight=args.lam, approx=args.approx, eps=eps, beta=args.beta,
+                                encoder_weight=args.encoder_weight, decoder_weight=args.decoder_weight)
+    options = json.loads(args.method_options) if args.method_options else {}
+    return TrainConfig(
+        task=args.task, method=args.method, mode="peft" if getattr(args, "peft", False) else "deft",
+        model=args.model, tokenizer=args.tokenizer, method_options=options, density=density, epochs=args.epochs,
+        max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, max_length=args.max_length, max_train_samples=args.max_train_samples or None,
+        max_eval_samples=args.max_eval_samples, lambda_warmup=args.lambda_warmup,
+        gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+        threshold=args.threshold, evals_per_epoch=args.evals_per_epoch, seed=args.seed, data_dir=args.data_dir,
+        site_point=args.point)
+
+
+def _print_run(results: dict) -> None:
+    metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in results["metrics"].items() if isinstance(v, float)
+                        and k not in ("loss",))
+    d = results["density"]
+    print(f"{results['mode'].upper()} {results['method']} on {results['task']} (seed {results['seed']}): {metrics}")
+    print(f"density {pct(d['overall'])}, |a|>{d['threshold']['tau']:g} {pct(d['threshold']['overall'])}, "
+          f"union/seq {pct(d['union']['overall'])}; trainable {results['trainable_params']:,} "
+          f"({100 * results['trainable_share']:.2f}%)")
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    results = train(_train_config(args), args.output, resume=args.resume)
+    _print_run(results)
+    print(f"run saved in {args.output}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, comparison_table
+
+    config = _train_config(args)
+    payload = compare(config, args.seeds, args.output)
+    print()
+    print(comparison_table(payload))
+    print(f"\nwrote {Path(args.output) / 'comparison.json'} and {Path(args.output) / 'density_per_layer.png'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate, make_loader, tokenize_glue
+    from .sites import find_sites
+    from .tasks import compute_glue_metrics, get_task, load_glue, predictions_from_logits
+    from .train import load_run
+
+    config, model, tokenizer = load_run(args.run)
+    task = get_task(args.task or config.task)
+    split = task.resolve_split(args.split) if args.split else task.dev_split
+    data = load_glue(task.name, split, data_dir=args.data_dir or config.data_dir, max_samples=args.max_samples)
+    loader = make_loader(tokenize_glue(data, tokenizer, config.max_length), tokenizer, args.batch_size)
+    out = evaluate(model, loader, sites=find_sites(model, config.site_point), threshold=args.threshold)
+    metrics = compute_glue_metrics(task.name, predictions_from_logits(task.name, out.logits), out.labels)
+    density = out.density.to_dict()
+    print(f"{args.run}: {config.mode.upper()} {config.method} on {task.name}/{split} ({len(data)} examples)")
+    print(", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()) + "\n")
+    print(density_summary(density))
+    _write_json(args.json, {"run": str(args.run), "task": task.name, "split": split, "metrics": metrics,
+                            "density": density})
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deft", description="Density-efficient fine-tuning of transformers.")
@@ -102,6 +177,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     p.set_defaults(func=cmd_density)
+
+    def train_args(p):
+        from .methods import METHODS
+        from .tasks import TASKS
+
+        model_args(p)
+        p.add_argument("--task", default="sst2", help=f"one of {', '.join(sorted(TASKS))} (default sst2)")
+        p.add_argument("--method", default="lora", help=f"one of {', '.join(sorted(METHODS))} (default lora)")
+        p.add_argument("--method-options", default=None, metavar="JSON",
+                       help='method config overrides, e.g. \'{"r": 16}\'')
+        p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="λ, weight of the density loss")
+        p.add_argument("--approx", default="l0", help="density approximation: l0, tanh, sigmoid, l1")
+        p.add_argument("--eps", type=float, default=None,
+                       help=f"ε of the l0 approximation (default {DEFAULT_EPS:g}; the paper's 1e-7 barely moves "
+                            "GELU models in a short run)")
+        p.add_argument("--beta", type=float, default=None, help="β of the tanh/sigmoid approximation")
+        p.add_argument("--encoder-weight", type=float, default=1.0)
+        p.add_argument("--decoder-weight", type=float, default=1.0)
+        p.add_argument("--lambda-warmup", type=float, default=0.0, help="ramp λ from 0 over this share of steps")
+        p.add_argument("--epochs", type=float, default=1.0)
+        p.add_argument("--max-steps", type=int, default=-1)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--eval-batch-size", type=int, default=64)
+        p.add_argument("--grad-accum", type=int, default=1)
+        p.add_argument("--gradient-checkpointing", action="store_true")
+        p.add_argument("--max-length", type=int, default=128)
+        p.add_argument("--max-train-samples", type=int, default=2000,
+                       help="training subset size (default 2000 — a laptop-sized run; 0 = the full set)")
+        p.add_argument("--max-eval-samples", type=int, default=None)
+        p.add_argument("--threshold", type=float, default=1e-2, help="τ of the threshold density")
+        p.add_argument("--evals-per-epoch", type=int, default=1)
+        p.add_argument("--data-dir", default=None, help="data directory (default: $DEFT_DATA_DIR, else the hub)")
+
+    p = sub.add_parser("train", help="train one PEFT or DEFT run")
+    train_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--deft", action="store_true", help="with the density loss (default)")
+    mode.add_argument("--peft", action="store_true", help="without the density loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="PEFT vs DEFT with identical settings (the main job)")
+    train_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--output", default="runs/compare", help="directory for the runs and comparison.json")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="reload a saved run and re-measure metric and density")
+    p.add_argument("--run", required=True)
+    p.add_argument("--task", default=None)
+    p.add_argument("--split", default=None)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threshold", type=float, default=1e-2)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""Overhead of DEFT's capture + density loss on a MiniLM training step, side by side in one run.
+
+Same model, same batch, same optimizer: PEFT steps (task loss only, no hooks) and DEFT steps
+(hooks + λ·L_density) are interleaved, so machine noise hits both alike. Prints the ratio of
+median step times and writes benchmarks/results/capture_overhead.json.
+
+    python benchmarks/capture_overhead.py [--steps 20] [--batch-size 32] [--seq-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+
+from deft.approx import make_approx
+from deft.capture import ActivationCapture
+from deft.loss import DensityLossConfig, combine_terms
+from deft.models import load_for_sequence_classification, load_tokenizer
+from deft.tasks import load_glue
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per side (after 3 warm-up steps each)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "capture_overhead.json"))
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(args.model)
+    data = load_glue("sst2", "train", data_dir=args.data_dir, max_samples=args.batch_size, seed=0)
+    batch = tok(list(data["text_a"]), padding="max_length", truncation=True, max_length=args.seq_len, return_tensors="pt")
+    labels = torch.tensor(list(data["label"]))
+    model = load_for_sequence_classification(args.model, 2, tokenizer=tok)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
+                                             target_modules=["query", "value"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_cfg = DensityLossConfig()
+    capture = ActivationCapture(model, approx=make_approx("l0"))
+
+    def step(deft: bool) -> float:
+        t0 = time.perf_counter()
+        if deft:
+            capture.attach()
+        out = model(**batch, labels=labels)
+        loss = out.loss
+        if deft:
+            loss = loss + combine_terms(capture.pop_terms(), loss_cfg)
+            capture.detach()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step(False), step(True)
+    times = {"peft": [], "deft": []}
+    for i in range(args.steps):
+        order = ("peft", "deft") if i % 2 == 0 else ("deft", "peft")
+        for side in order:
+            times[side].append(step(side == "deft"))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "torch_threads": torch.get_num_threads(),
+        "median_step_seconds": med, "step_time_ratio_deft_over_peft": med["deft"] / med["peft"],
+        "all_step_seconds": times,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"median step: PEFT {med['peft']:.3f}s, DEFT {med['deft']:.3f}s -> ratio {result['step_time_ratio_deft_over_peft']:.3f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

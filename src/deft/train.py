@@ -1,0 +1,315 @@
+"""PEFT and DEFT training on the Hugging Face ``Trainer``.
+
+:class:`DeftTrainer` is ``transformers.Trainer`` plus one term: λ·L_density from the
+capture hooks (eq. 8). Everything else — checkpoints, ``--resume``, gradient accumulation,
+mixed precision, logging, ``accelerate launch``/``torchrun`` — is the library's. PEFT runs
+use the same class with λ = 0 and no hooks, so the two modes differ only by the loss.
+
+A run directory holds::
+
+    run_config.json   the TrainConfig (enough to rebuild the model)
+    method/           the trained modules only (see deft.methods), + deft_method.json
+    checkpoints/      Trainer checkpoints (for --resume)
+    history.json      metric and density at every evaluation, against the step
+    results.json      task, model, method, mode, seed, metrics, density, trainable_params, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .capture import ActivationCapture
+from .loss import DensityLossConfig, combine_terms
+from .metrics import DensityMeter
+from .sites import SiteMap, find_sites
+
+MODES = ("peft", "deft")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``run_config.json``).
+
+    Defaults are sized for a laptop CPU on the built-in MiniLM: a short run, not the paper's
+    10 epochs (``epochs``/``max_train_samples`` scale it up). ``lambda_warmup`` ramps λ
+    linearly from 0 over that share of the steps (ProSparse-style), letting the task head
+    settle before sparsity is pushed.
+    """
+
+    task: str = "sst2"
+    method: str = "lora"
+    mode: str = "deft"
+    model: str = "minilm"
+    tokenizer: str | None = None
+    method_options: dict = field(default_factory=dict)
+    density: DensityLossConfig = field(default_factory=lambda: DensityLossConfig(weight=1.0, approx="l0", eps=1e-2))
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 128
+    max_train_samples: int | None = 2000
+    max_eval_samples: int | None = None
+    warmup_ratio: float = 0.06
+    lambda_warmup: float = 0.0
+    weight_decay: float = 0.0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    threshold: float = 1e-2
+    evals_per_epoch: int = 1
+    seed: int = 0
+    data_dir: str | None = None
+    site_point: str = "act"
+
+    def __post_init__(self):
+        if isinstance(self.density, dict):
+            self.density = DensityLossConfig(**self.density)
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        if not 0 <= self.lambda_warmup <= 1:
+            raise ValueError(f"lambda_warmup is a share of the steps in [0, 1], got {self.lambda_warmup}")
+        for name in ("batch_size", "eval_batch_size", "max_length", "gradient_accumulation_steps", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("train for epochs > 0 or max_steps > 0")
+
+    @property
+    def density_loss(self) -> DensityLossConfig | None:
+        """The density loss of this run; None for PEFT (λ = 0 means no hooks at all)."""
+        return self.density if self.mode == "deft" and self.density.weight > 0 else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; the run stops instead of producing garbage."""
+
+
+def _trainer_base():
+    from transformers import Trainer
+
+    return Trainer
+
+
+def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, threshold: float,
+                      lambda_warmup_steps: int = 0, **trainer_kwargs):
+    """A :class:`transformers.Trainer` that adds λ·L_density and measures density at evaluation."""
+    Trainer = _trainer_base()
+
+    class DeftTrainer(Trainer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.sites = sites
+            self.density_config = density
+            self.threshold = threshold
+            self.lambda_warmup_steps = lambda_warmup_steps
+            approx = density.build_approx() if density is not None else None
+            self.capture = ActivationCapture(self.model, sites, approx=approx)
+            if density is not None:
+                self.capture.attach()
+            self._density_log: list[float] = []
+
+        def current_lambda_scale(self) -> float:
+            if self.lambda_warmup_steps <= 0:
+                return 1.0
+            return min(1.0, self.state.global_step / self.lambda_warmup_steps)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if self.density_config is not None and model.training:
+                term = combine_terms(self.capture.pop_terms(), self.density_config)
+                if term is not None:
+                    self._density_log.append(float(term.detach()) / self.density_config.weight)
+                    loss = loss + self.current_lambda_scale() * term
+            if model.training and not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(
+                    f"loss became {float(loss.detach())} at step {self.state.global_step + 1} "
+                    f"(epoch {self.state.epoch or 0:.2f}); lower the learning rate or λ, or raise ε")
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self._density_log and "loss" in logs:
+                logs["density_loss"] = float(np.mean(self._density_log))
+                logs["lambda_scale"] = self.current_lambda_scale()
+                self._density_log.clear()
+            super().log(logs, *args, **kwargs)
+
+        def evaluation_loop(self, *args, **kwargs):
+            meter = DensityMeter(self.sites.sites, threshold=self.threshold)
+            measuring = ActivationCapture(self.model, self.sites, meter=meter)
+            with measuring:
+                output = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            report = meter.result().to_dict()
+            output.metrics[f"{prefix}_density"] = report["overall"]
+            output.metrics[f"{prefix}_density_threshold"] = report["threshold"]["overall"]
+            output.metrics[f"{prefix}_union_density"] = report["union"]["overall"]
+            self.last_density = report
+            return output
+
+    return DeftTrainer(**trainer_kwargs)
+
+
+# -- building blocks shared by train / eval ---------------------------------------------------
+def build_model(config: TrainConfig, tokenizer, task):
+    """Base model for the task, loaded the way the method needs (e.g. 4-bit for QLoRA)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .methods import get_method
+    from .models import resolve_model_path
+
+    method = get_method(config.method)
+    method_config = method.resolve_config(config.method_options or None)
+    model = method.load_base(resolve_model_path(config.model), AutoModelForSequenceClassification, method_config,
+                             num_labels=task.num_labels)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+    return method, method_config, model
+
+
+def _prepare_data(config: TrainConfig, task, tokenizer):
+    from .evaluation import tokenize_glue
+    from .tasks import load_glue
+
+    train = load_glue(task.name, "train", data_dir=config.data_dir, max_samples=config.max_train_samples,
+                      seed=config.seed)
+    dev = load_glue(task.name, task.dev_split, data_dir=config.data_dir, max_samples=config.max_eval_samples,
+                    seed=config.seed)
+    return tokenize_glue(train, tokenizer, config.max_length), tokenize_glue(dev, tokenizer, config.max_length)
+
+
+def _compute_metrics_fn(task):
+    from .tasks import compute_glue_metrics, predictions_from_logits
+
+    def compute(eval_pred):
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return compute_glue_metrics(task.name, predictions_from_logits(task.name, logits), eval_pred.label_ids)
+
+    return compute
+
+
+def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train one run (PEFT or DEFT) and write the run directory; returns ``results.json``'s content."""
+    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .methods import trainable_parameters
+    from .models import load_tokenizer
+    from .tasks import get_task
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved_config = out / "run_config.json"
+    if resume and saved_config.exists():
+        previous = json.loads(saved_config.read_text())
+        if previous != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"--resume: {saved_config} was written with different settings; "
+                             "resume with the same options or use a new --output")
+    saved_config.write_text(json.dumps(config.to_dict(), indent=2))
+
+    task = get_task(config.task)
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.model, config.tokenizer)
+    method, method_config, model = build_model(config, tokenizer, task)
+    model = method.apply(model, method_config, task_type="SEQ_CLS")
+    sites = find_sites(model, config.site_point)
+    trainable, total = trainable_parameters(model)
+    train_set, dev_set = _prepare_data(config, task, tokenizer)
+
+    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.gradient_accumulation_steps))
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
+    eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a share of the steps in transformers 5
+        lr_scheduler_type="linear",
+        weight_decay=config.weight_decay,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # Re-entrant checkpointing runs the forward without gradients: the density terms would be lost.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        eval_strategy="steps", eval_steps=eval_every,
+        save_strategy="steps", save_steps=eval_every, save_total_limit=2,
+        logging_steps=max(1, min(10, eval_every)),
+        seed=config.seed, data_seed=config.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    trainer = make_deft_trainer(
+        sites=sites, density=config.density_loss, threshold=config.threshold,
+        lambda_warmup_steps=int(config.lambda_warmup * total_steps),
+        model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_compute_metrics_fn(task),
+        processing_class=tokenizer,
+    )
+    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - started
+    trainer.capture.detach()
+
+    final = trainer.evaluate()
+    method.save(model, out / "method")
+    history = [entry for entry in trainer.state.log_history]
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    metrics = {k[len("eval_"):]: v for k, v in final.items()
+               if k.startswith("eval_") and not k.startswith(("eval_density", "eval_union", "eval_runtime",
+                                                               "eval_samples", "eval_steps"))}
+    results = {
+        "task": task.name, "model": config.model, "method": config.method, "mode": config.mode,
+        "seed": config.seed, "metrics": metrics, "main_metric": task.main_metric,
+        "density": trainer.last_density,
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "train_seconds": train_seconds, "steps": trainer.state.global_step,
+        "train_samples": len(train_set), "eval_samples": len(dev_set), "resumed_from": checkpoint,
+        "config": config.to_dict(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:
+    """Rebuild a trained run: (config, model with its trained modules, tokenizer)."""
+    from .methods import get_method
+    from .models import load_tokenizer
+    from .tasks import get_task
+
+    run = Path(run_dir)
+    config_file = run / "run_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{run} is not a deft run directory (no run_config.json)")
+    config = TrainConfig.from_dict(json.loads(config_file.read_text()))
+    task = get_task(config.task)
+    tokenizer = load_tokenizer(config.model, config.tokenizer)
+    method, method_config, base = build_model(config, tokenizer, task)
+    model = get_method(config.method).load(base, run / "method")
+    model.eval()
+    return config, model, tokenizer
