@@ -91,7 +91,7 @@ def _train_config(args):
         eval_batch_size=args.eval_batch_size, max_length=args.max_length, max_train_samples=args.max_train_samples or None,
         max_eval_samples=args.max_eval_samples, lambda_warmup=args.lambda_warmup,
         gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
-        threshold=args.threshold, evals_per_epoch=args.evals_per_epoch, seed=args.seed, data_dir=args.data_dir,
+        threshold=args.threshold, evals_per_epoch=args.evals_per_epoch, seed=getattr(args, "seed", 0), data_dir=args.data_dir,
         site_point=args.point)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -223,7 +224,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         if previous != json.loads(json.dumps(config.to_dict())):
             raise ValueError(f"--resume: {saved_config} was written with different settings; "
                              "resume with the same options or use a new --output")
-    saved_config.write_text(json.dumps(config.to_dict(), indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        saved_config.write_text(json.dumps(config.to_dict(), indent=2))
 
     task = get_task(config.task)
     set_seed(config.seed)
@@ -277,9 +279,10 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     trainer.capture.detach()
 
     final = trainer.evaluate()
-    method.save(model, out / "method")
-    history = [entry for entry in trainer.state.log_history]
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+    main_process = trainer.is_world_process_zero()  # under torchrun every rank gets here; one writes
+    if main_process:
+        method.save(model, out / "method")
+        (out / "history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     metrics = {k[len("eval_"):]: v for k, v in final.items()
                if k.startswith("eval_") and not k.startswith(("eval_density", "eval_union", "eval_runtime",
                                                                "eval_samples", "eval_steps"))}
@@ -292,7 +295,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         "train_samples": len(train_set), "eval_samples": len(dev_set), "resumed_from": checkpoint,
         "config": config.to_dict(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    if main_process:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 

@@ -1,0 +1,704 @@
+"""Energy of a zero-skipping ASIC vs. a dense one (METHOD.md §5).
+
+The DEFT paper reports the *energy consumption ratio* of Lazzaro et al. (2023), which uses
+the hardware model of Shumailov et al. (2021), "Sponge examples: energy-latency attacks on
+neural networks" (public estimator: ``energy_estimator/analyse.py`` in the
+``iliaishacked/sponge_examples`` repository). This module is an independent implementation
+of that cost model for what transformers run; the constants and the accounting rules follow
+the sponge estimator, the per-operation counting is finer (see below).
+
+Cost model (per operation = one call of a counted module, or one attention product):
+
+* every parameter value is read from memory once per call;
+* every input activation value is read once, every output value written once;
+* every multiply–accumulate (MAC) costs ``mac_pj``; elementwise operations ``elementwise_pj``.
+
+The **dense** ASIC pays for every value and every MAC. The **zero-skipping** ASIC
+(sponge's ``HardwareModel(optim=True)``) reads/writes only non-zero values (compressed
+storage, no (de)compression overhead) and skips a MAC when either operand is zero. Where
+the sponge estimator scales the MAC count by (weight density × input density), assuming
+zeros spread uniformly, this module counts the MACs with both operands non-zero exactly,
+per layer (weight non-zeros are counted per layer, not pooled over the model).
+``energy_ratio`` = zero-skipping energy / dense energy ≤ 1.
+
+What is counted, per kind:
+
+* ``linear`` — ``nn.Linear`` and GPT-2's ``Conv1D`` (weight stored (in, out)): parameter
+  reads, input reads, output writes, ``tokens × in × out`` MACs (exact non-zero pairs for the
+  zero-skipping ASIC). peft LoRA layers are counted through their inner ``nn.Linear`` leaves
+  (base layer, A, B), so an unmerged adapter costs what it computes.
+* ``embedding`` — ``nn.Embedding``: a lookup. Only the looked-up rows are read (the sponge
+  estimator also charges the whole table on every call, which would drown everything else in
+  a 50k-row vocabulary); the indices are read as they are (an index is not data, it is never
+  skipped); the output is written; no MACs.
+* ``norm`` — LayerNorm/RMSNorm-like modules (``nn.LayerNorm``, ``nn.RMSNorm``, any class whose
+  name ends in ``LayerNorm``/``RMSNorm``/``GroupNorm``): parameter reads, input reads, output
+  writes and ``norm_ops_per_element`` elementwise operations per element. The operations are
+  never skipped (normalising a zero does not give zero).
+* ``activation`` — ReLU/GELU/SiLU/tanh-like modules: input reads, output writes, one
+  operation per element, skipped for zero inputs (these functions map 0 to 0).
+* ``attention_qk`` / ``attention_av`` — the two matrix products of attention, QKᵀ and AV. They
+  are not modules; their operands are captured by hooks on the query/key/value projections
+  (``query/key/value``, ``q/k/v``, ``q_proj/k_proj/v_proj``, ``q_lin/k_lin/v_lin``, GPT-2's fused
+  ``c_attn``) and counted over the (query, key) pairs the attention mask allows (causal
+  attention: keys up to the query's position). Approximations: the attention probabilities
+  are taken as dense (softmax is positive wherever the mask allows), so a QKᵀ MAC is skipped
+  when the query or key element is zero and an AV MAC when the value element is zero; the
+  scores, probabilities and the AV output are counted as dense values in both ASICs (their
+  zeros are not observed); softmax, scaling, rotary embeddings and prefix-tuning's virtual
+  keys are not counted. Grouped-query attention maps each query head onto its key/value head.
+
+Not counted at all: residual additions, dropout (identity at inference), other parameter-free
+glue. Leaf modules with parameters of an unknown kind are listed in ``EnergyReport.skipped``,
+as are linear layers whose weights cannot be read as a matrix (counted as dense weights;
+bitsandbytes 4-bit weights are dequantized when bitsandbytes is importable). With a KV cache
+(incremental decoding) only the new positions' keys and values are observed, so the
+attention products of cached positions are not counted: estimate over full forward passes.
+
+Padding: only real tokens (``attention_mask`` of the batch; for encoder–decoder models
+``decoder_attention_mask`` or, without it, the non ``-100`` labels) enter the activation and
+MAC counts. Parameters are read once per model call whatever the batch, as in the sponge
+estimator — so the ratio depends on the batch size (the sponge/Lazzaro setting is one input
+per call: batch size 1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+
+import torch
+from torch import nn
+
+from .sites import unwrap_model
+
+# --- Energy constants -------------------------------------------------------------------------
+# Source: the sponge-examples estimator (Shumailov et al. 2021; iliaishacked/sponge_examples,
+# energy_estimator/analyse.py, class HardwareModel), which takes its 45 nm, 0.9 V figures from
+# M. Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014
+# (IEEE doc. 6757323), assuming 32-bit floating point throughout:
+#   * one memory access = 1950 pJ — a DRAM access (Horowitz: 1.3–2.6 nJ; the estimator takes the
+#     midpoint and assumes DRAM dominates, on-chip caches negligible, reads cost what writes do);
+#   * one computation = 3.7 pJ — a 32-bit float multiply (the estimator charges every
+#     computation the same).
+SPONGE_MEMORY_PJ = 1950.0
+SPONGE_COMPUTE_PJ = 3.7
+# Other 45 nm figures of the same table (Horowitz 2014), for configurations that want them:
+HOROWITZ_45NM_PJ = {
+    "dram_access": 1950.0,  # 1.3–2.6 nJ (64-bit); midpoint, as the sponge estimator
+    "sram_8kb_64bit": 10.0,  # 8 kB cache access, 64-bit word
+    "sram_8kb_32bit": 5.0,  # half of the above, for a 32-bit word
+    "fp32_mult": 3.7,
+    "fp32_add": 0.9,
+    "int32_mult": 3.1,
+    "int32_add": 0.1,
+}
+# The sponge estimator's zero test for 32-bit floats: |x| > 2**-126 (denormals count as zero).
+SPONGE_ZERO_THRESHOLD_FP32 = 2.0 ** -126
+
+KINDS = ("linear", "embedding", "norm", "activation", "attention_qk", "attention_av")
+
+
+@dataclass
+class EnergyConfig:
+    """Per-operation energies (pJ) and the zero-skipping ASIC's abilities.
+
+    Defaults: the sponge estimator's hardware model (see the constants above). ``weight_pj``
+    and ``activation_pj`` are both the memory access cost there; they are separate here so an
+    on-chip (SRAM) configuration can be modelled, e.g. ``activation_pj=5.0``.
+    """
+
+    weight_pj: float = SPONGE_MEMORY_PJ  # per parameter value read
+    activation_pj: float = SPONGE_MEMORY_PJ  # per activation value read or written
+    mac_pj: float = SPONGE_COMPUTE_PJ  # per multiply-accumulate
+    elementwise_pj: float = SPONGE_COMPUTE_PJ  # per elementwise operation (norms, activations)
+    norm_ops_per_element: int = 4  # LayerNorm: subtract mean, scale by 1/σ, multiply γ, add β
+    zero_threshold: float = SPONGE_ZERO_THRESHOLD_FP32  # |x| <= threshold counts as zero
+    skip_zero_weights: bool = True  # compressed weights, MACs with a zero weight skipped
+    skip_zero_activations: bool = True  # compressed activations, MACs with a zero input skipped
+    count_attention: bool = True  # QKᵀ and AV products
+
+    def __post_init__(self):
+        for name in ("weight_pj", "activation_pj", "mac_pj", "elementwise_pj", "zero_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EnergyConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.norm_ops_per_element < 0:
+            raise ValueError(f"EnergyConfig.norm_ops_per_element must be >= 0, got {self.norm_ops_per_element}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- Counts -----------------------------------------------------------------------------------
+@dataclass
+class OpCounts:
+    """Value and operation counts of one operation (dense = all, ``*_nz`` = what the
+    zero-skipping ASIC still pays for)."""
+
+    params: int = 0
+    params_nz: int = 0
+    inputs: int = 0
+    inputs_nz: int = 0
+    outputs: int = 0
+    outputs_nz: int = 0
+    macs: int = 0
+    macs_nz: int = 0
+    ops: int = 0
+    ops_nz: int = 0
+
+    def add(self, other: "OpCounts") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def dense_energy(self, cfg: EnergyConfig) -> float:
+        return (cfg.weight_pj * self.params + cfg.activation_pj * (self.inputs + self.outputs)
+                + cfg.mac_pj * self.macs + cfg.elementwise_pj * self.ops)
+
+    def sparse_energy(self, cfg: EnergyConfig) -> float:
+        return (cfg.weight_pj * self.params_nz + cfg.activation_pj * (self.inputs_nz + self.outputs_nz)
+                + cfg.mac_pj * self.macs_nz + cfg.elementwise_pj * self.ops_nz)
+
+
+@dataclass
+class EnergyReport:
+    """Result of :func:`estimate_energy`. Energies are in pJ, summed over all batches."""
+
+    dense_energy: float
+    sparse_energy: float
+    per_layer: list[dict]
+    batch_ratios: list[float] = field(default_factory=list)
+    tokens: int = 0
+    batches: int = 0
+    skipped: list[str] = field(default_factory=list)
+    config: EnergyConfig = field(default_factory=EnergyConfig)
+
+    @property
+    def energy_ratio(self) -> float:
+        """Zero-skipping energy / dense energy over the whole run (≤ 1)."""
+        return self.sparse_energy / self.dense_energy if self.dense_energy else 1.0
+
+    @property
+    def mean_batch_ratio(self) -> float | None:
+        """Mean of the per-call ratios (the sponge estimator's per-input ratio at batch size 1)."""
+        return sum(self.batch_ratios) / len(self.batch_ratios) if self.batch_ratios else None
+
+    def by_kind(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for row in self.per_layer:
+            agg = out.setdefault(row["kind"], {"dense": 0.0, "sparse": 0.0})
+            agg["dense"] += row["dense"]
+            agg["sparse"] += row["sparse"]
+        for agg in out.values():
+            agg["ratio"] = agg["sparse"] / agg["dense"] if agg["dense"] else 1.0
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "energy_ratio": self.energy_ratio,
+            "dense_energy_pj": self.dense_energy,
+            "sparse_energy_pj": self.sparse_energy,
+            "mean_batch_ratio": self.mean_batch_ratio,
+            "tokens": self.tokens,
+            "batches": self.batches,
+            "by_kind": self.by_kind(),
+            "per_layer": [dict(row) for row in self.per_layer],
+            "skipped": list(self.skipped),
+            "config": self.config.to_dict(),
+        }
+
+
+def energy_change(er_peft, er_deft) -> float:
+    """Energy change (%) = (ER_PEFT − ER_DEFT) / ER_PEFT × 100 (METHOD.md §5).
+
+    Accepts energy ratios or :class:`EnergyReport` objects.
+    """
+    a = er_peft.energy_ratio if isinstance(er_peft, EnergyReport) else float(er_peft)
+    b = er_deft.energy_ratio if isinstance(er_deft, EnergyReport) else float(er_deft)
+    if a == 0:
+        raise ValueError("ER_PEFT is 0: energy change undefined")
+    return (a - b) / a * 100.0
+
+
+# --- Real-token masks (shared with deft.prune) ------------------------------------------------
+_DECODER_PATH = re.compile(r"(^|\.)decoder(\.|$)")
+
+
+class TokenMasks:
+    """Real-token masks of one model call, and how to align them with a module's tensors.
+
+    Built from the batch given to the model. For encoder–decoder models, modules under a
+    ``decoder`` path use the decoder mask (``decoder_attention_mask``, else ``labels != -100``
+    when the decoder inputs come from the labels, else none), all others ``attention_mask``.
+    """
+
+    def __init__(self, encoder: torch.Tensor | None = None, decoder: torch.Tensor | None = None,
+                 encdec: bool = False):
+        self.encoder = encoder
+        self.decoder = decoder
+        self.encdec = encdec
+
+    @classmethod
+    def from_batch(cls, model: nn.Module, batch) -> "TokenMasks":
+        base = unwrap_model(model)
+        encdec = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+        if not isinstance(batch, Mapping):
+            return cls(None, None, encdec)
+
+        def mask2d(t):
+            return t.bool() if isinstance(t, torch.Tensor) and t.dim() == 2 else None
+
+        enc = mask2d(batch.get("attention_mask"))
+        if not encdec:
+            return cls(enc, enc, False)
+        dec = mask2d(batch.get("decoder_attention_mask"))
+        labels = batch.get("labels")
+        if dec is None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and \
+                batch.get("decoder_input_ids") is None and batch.get("decoder_inputs_embeds") is None:
+            dec = labels != -100
+        return cls(enc, dec, True)
+
+    def for_module(self, name: str) -> torch.Tensor | None:
+        if self.encdec and _DECODER_PATH.search(name):
+            return self.decoder
+        return self.encoder
+
+    def cross_keys(self) -> torch.Tensor | None:
+        """Mask of the keys of a cross-attention (the encoder's tokens)."""
+        return self.encoder
+
+    @staticmethod
+    def align(lead: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A bool mask over the ``prod(lead)`` rows of a tensor with leading shape ``lead``
+        (all dims but the feature dim), or ``None`` when every row counts.
+
+        * (B, P) with P ≤ T keeps the mask's last P positions (incremental decoding); P > T
+          prepends real positions (prompt tuning's virtual tokens, which are computed);
+        * (1, T) with B > 1 (position embeddings broadcast over the batch): a position counts
+          when any sequence has a real token there;
+        * (B·T,) (OPT flattens tokens): the flattened mask;
+        * anything else (pooled (B, h) vectors, relative position buckets): every row.
+        """
+        if mask is None:
+            return None
+        batch, length = mask.shape
+        if len(lead) == 1:
+            return mask.reshape(-1) if lead[0] == batch * length and length > 1 else None
+        if len(lead) != 2:
+            return None
+        rows, positions = lead
+        if rows == batch:
+            if positions <= length:
+                return mask[:, length - positions:].reshape(-1)
+            pad = mask.new_ones(batch, positions - length)
+            return torch.cat([pad, mask], dim=1).reshape(-1)
+        if rows == 1 and positions == length:
+            return mask.any(dim=0).reshape(-1)
+        return None
+
+    def align_2d(self, lead: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor:
+        """(rows, positions) bool mask for a (B, P, ...) tensor; all-true where no mask applies."""
+        flat = self.align(lead, mask)
+        if flat is None:
+            return torch.ones(lead, dtype=torch.bool)
+        return flat.reshape(lead)
+
+
+def move_batch(batch, device):
+    """Tensors of a batch (a mapping, tuple or tensor) moved to ``device``."""
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(v.to(device) if isinstance(v, torch.Tensor) else v for v in batch)
+    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+
+
+def call_model(model: nn.Module, batch):
+    """``model(**batch)`` for a mapping, ``model(*batch)`` for a tuple, else ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+# --- Module classification --------------------------------------------------------------------
+_NORM_NAME = re.compile(r"(LayerNorm|RMSNorm|GroupNorm|LayerNorm2d)$", re.IGNORECASE)
+_TORCH_ACTS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.LeakyReLU, nn.ELU,
+               nn.SELU, nn.CELU, nn.Hardswish, nn.Hardtanh, nn.Softsign, nn.Tanhshrink)
+_QKV_NAMES = (("query", "key", "value"), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"),
+              ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"))
+_FUSED_QKV = ("c_attn",)  # GPT-2 family: one projection, output split into equal thirds
+_CROSS_NAME = re.compile(r"encdec|cross|encoder_attn", re.IGNORECASE)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    if next(module.children(), None) is not None:
+        return None  # only leaves; containers (LoRA wrappers included) are counted through them
+    if isinstance(module, nn.Linear) or _is_conv1d(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or _NORM_NAME.search(type(module).__name__) or \
+            type(module).__name__ == "RMSNorm":
+        return "norm"
+    if isinstance(module, _TORCH_ACTS) or (
+            type(module).__module__ == "transformers.activations" and type(module).__name__ != "LinearActivation"):
+        return "activation"
+    return None
+
+
+def _weight_out_in(module: nn.Module, n_in: int, n_out: int) -> torch.Tensor | None:
+    """A dense layer's weight as (out, in) (GPT-2's Conv1D stores (in, out)); ``None`` when the
+    stored weight is not a plain matrix (packed 4-bit weights that cannot be dequantized)."""
+    w = module.weight.detach()
+    if _is_conv1d(module):
+        w = w.t()
+    if tuple(w.shape) == (n_out, n_in):
+        return w
+    quant_state = getattr(module.weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit (QLoRA): compare what the layer computes with
+        try:
+            import bitsandbytes.functional as bnbf
+
+            w = bnbf.dequantize_4bit(module.weight.data, quant_state)
+            return w if tuple(w.shape) == (n_out, n_in) else None
+        except Exception:  # noqa: BLE001 - any failure: fall back to dense counting
+            return None
+    return None
+
+
+def _first_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        return next((t for t in x if isinstance(t, torch.Tensor)), None)
+    if isinstance(x, Mapping):
+        return next((t for t in x.values() if isinstance(t, torch.Tensor)), None)
+    return getattr(x, "last_hidden_state", None)
+
+
+def _attention_triples(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, str] | str]]:
+    """(parent path, parent module, {"q": path, "k": path, "v": path} or fused path)."""
+    found = []
+    for name, mod in model.named_modules():
+        children = dict(mod.named_children())
+        prefix = f"{name}." if name else ""
+        for q, k, v in _QKV_NAMES:
+            if q in children and k in children and v in children:
+                found.append((name, mod, {"q": prefix + q, "k": prefix + k, "v": prefix + v}))
+                break
+        else:
+            for fused in _FUSED_QKV:
+                if fused in children and not getattr(mod, "is_cross_attention", False):
+                    found.append((name, mod, prefix + fused))
+                    break
+    return found
+
+
+def _head_dim(parent: nn.Module, config, q_width: int) -> int:
+    for attr in ("head_dim", "attention_head_size", "key_value_proj_dim", "d_head", "head_size"):
+        value = getattr(parent, attr, None)
+        if isinstance(value, int) and value > 0 and q_width % value == 0:
+            return value
+    for attr in ("num_attention_heads", "num_heads", "n_head", "n_heads"):
+        heads = getattr(parent, attr, None) or getattr(config, attr, None)
+        if isinstance(heads, int) and heads > 0 and q_width % heads == 0:
+            return q_width // heads
+    return q_width  # one head: counts that need the head split become per-model approximations
+
+
+# --- The estimator ----------------------------------------------------------------------------
+class _Estimator:
+    def __init__(self, model: nn.Module, config: EnergyConfig):
+        self.model = model
+        self.cfg = config
+        self.base = unwrap_model(model)
+        self.model_config = getattr(self.base, "config", None)
+        self.counts: dict[str, tuple[str, OpCounts]] = {}
+        self.batch_counts: dict[str, OpCounts] = {}
+        self.calls: dict[str, int] = {}
+        self.masks = TokenMasks()
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.skipped: set[str] = set()
+        self.opaque: set[str] = set()
+        self.handles: list = []
+        self.tokens = 0
+        # Modules of a peft wrapper outside the transformers model (prompt encoders) run on
+        # virtual tokens only: no padding to drop there.
+        inner = {id(m) for m in self.base.modules()}
+        self.unmasked = {name for name, m in model.named_modules() if id(m) not in inner}
+
+    # hooks -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        for name, module in self.model.named_modules():
+            kind = _module_kind(module)
+            if kind is not None:
+                self.handles.append(module.register_forward_hook(partial(self._on_leaf, name, kind)))
+            elif next(module.children(), None) is None and any(True for _ in module.parameters(recurse=False)):
+                if not isinstance(module, nn.Dropout):
+                    self.skipped.add(f"{name} ({type(module).__name__})")
+        if not self.cfg.count_attention:
+            return
+        modules = dict(self.model.named_modules())
+        for parent_name, parent, spec in _attention_triples(self.model):
+            if isinstance(spec, str):
+                self.handles.append(modules[spec].register_forward_hook(
+                    partial(self._on_fused_qkv, parent_name, parent)))
+            else:
+                for role, path in spec.items():
+                    self.handles.append(modules[path].register_forward_hook(
+                        partial(self._on_qkv, parent_name, parent, role)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.pending.clear()
+
+    def _record(self, name: str, kind: str, counts: OpCounts) -> None:
+        if name not in self.counts:
+            self.counts[name] = (kind, OpCounts())
+        self.counts[name][1].add(counts)
+        self.batch_counts.setdefault(name, OpCounts()).add(counts)
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    # zero tests ----------------------------------------------------------------------------
+    def _nz(self, t: torch.Tensor) -> torch.Tensor:
+        return t.abs() > self.cfg.zero_threshold
+
+    def _nz_act(self, t: torch.Tensor) -> torch.Tensor:
+        return self._nz(t) if self.cfg.skip_zero_activations else torch.ones_like(t, dtype=torch.bool)
+
+    def _nz_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return self._nz(t) if self.cfg.skip_zero_weights else torch.ones_like(t, dtype=torch.bool)
+
+    def _rows(self, name: str, t: torch.Tensor, feature_dim: bool = True) -> torch.Tensor:
+        """``t`` flattened to (rows, features) keeping only real-token rows."""
+        if feature_dim and t.dim() >= 1:
+            lead, flat = tuple(t.shape[:-1]), t.reshape(-1, t.shape[-1])
+        else:
+            lead, flat = tuple(t.shape), t.reshape(-1, 1)
+        mask = None if name in self.unmasked else self.masks.for_module(name)
+        keep = TokenMasks.align(lead, mask)
+        return flat if keep is None else flat[keep.to(flat.device)]
+
+    def _param_counts(self, module: nn.Module, weight: torch.Tensor | None = None) -> tuple[int, int]:
+        """Parameter values read by one call (``weight``: the layer's weight as computed with)."""
+        total = nz = 0
+        for pname, p in module.named_parameters(recurse=False):
+            t = weight if pname == "weight" and weight is not None else p.detach()
+            total += t.numel()
+            nz += int(self._nz_weight(t).sum())
+        return total, nz
+
+    def _on_leaf(self, name, kind, module, inputs, output) -> None:
+        x = _first_tensor(inputs)
+        y = _first_tensor(output)
+        if x is None or y is None:
+            return
+        x, y = x.detach(), y.detach()
+        c = OpCounts()
+        if kind == "linear":
+            n_in, n_out = x.shape[-1], y.shape[-1]
+            w = _weight_out_in(module, n_in, n_out)
+            xr, yr = self._rows(name, x), self._rows(name, y)
+            if w is None:  # weights not inspectable: counted as dense
+                self.opaque.add(f"{name} ({type(module).__name__}: weights counted as dense)")
+                w = torch.ones(n_out, n_in, device=x.device)
+                bias = getattr(module, "bias", None)
+                c.params = c.params_nz = n_out * n_in + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+            else:
+                c.params, c.params_nz = self._param_counts(module, w)
+            c.inputs, c.inputs_nz = xr.numel(), int(self._nz_act(xr).sum())
+            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+            c.macs = xr.shape[0] * n_out * n_in
+            col_nz = self._nz_weight(w).sum(dim=0).to(torch.float64)  # non-zero weights per input feature
+            per_feature = self._nz_act(xr).sum(dim=0).to(torch.float64)
+            c.macs_nz = int(round(float((per_feature * col_nz).sum())))
+        elif kind == "embedding":
+            ids = self._rows(name, x, feature_dim=False)
+            yr = self._rows(name, y)
+            c.params, c.params_nz = yr.numel(), int(self._nz_weight(yr).sum())  # looked-up rows
+            c.inputs = c.inputs_nz = ids.numel()
+            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+        elif kind == "norm":
+            xr, yr = self._rows(name, x), self._rows(name, y)
+            c.params, c.params_nz = self._param_counts(module)
+            c.inputs, c.inputs_nz = xr.numel(), int(self._nz_act(xr).sum())
+            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+            c.ops = c.ops_nz = self.cfg.norm_ops_per_element * xr.numel()
+        else:  # activation
+            xr, yr = self._rows(name, x), self._rows(name, y)
+            c.inputs, c.inputs_nz = xr.numel(), int(self._nz_act(xr).sum())
+            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+            c.ops, c.ops_nz = xr.numel(), c.inputs_nz
+        self._record(name, kind, c)
+
+    # attention ---------------------------------------------------------------------------
+    def _on_qkv(self, parent_name, parent, role, module, inputs, output) -> None:
+        t = _first_tensor(output)
+        if t is None:
+            return
+        slot = self.pending.setdefault(parent_name, {})
+        slot[role] = t.detach()
+        if len(slot) == 3:
+            del self.pending[parent_name]
+            self._attention(parent_name, parent, slot["q"], slot["k"], slot["v"])
+
+    def _on_fused_qkv(self, parent_name, parent, module, inputs, output) -> None:
+        t = _first_tensor(output)
+        if t is None or t.shape[-1] % 3:
+            return
+        q, k, v = t.detach().split(t.shape[-1] // 3, dim=-1)
+        self._attention(parent_name, parent, q, k, v)
+
+    def _as_bpf(self, t: torch.Tensor, batch: int | None) -> torch.Tensor:
+        if t.dim() == 3:
+            return t
+        if t.dim() == 2:  # (B·T, F)
+            rows = batch or 1
+            return t.reshape(rows, -1, t.shape[-1]) if t.shape[0] % rows == 0 else t.unsqueeze(0)
+        return t.reshape(t.shape[0], -1, t.shape[-1])
+
+    def _attention(self, name: str, parent: nn.Module, q, k, v) -> None:
+        q_mask_full = self.masks.for_module(name)
+        batch = q_mask_full.shape[0] if q_mask_full is not None else None
+        q, k, v = (self._as_bpf(t, batch) for t in (q, k, v))
+        if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0]:
+            return
+        cross = bool(_CROSS_NAME.search(name)) or (q.shape[1] != k.shape[1] and not getattr(parent, "is_causal", False))
+        k_mask_full = self.masks.cross_keys() if cross else q_mask_full
+        causal = getattr(parent, "is_causal", None)
+        if not isinstance(causal, bool):
+            causal = self._default_causal(name)
+        causal = causal and not cross
+        dev = q.device
+        qm = self.masks.align_2d(tuple(q.shape[:2]), q_mask_full).to(dev)
+        km = self.masks.align_2d(tuple(k.shape[:2]), k_mask_full).to(dev)
+        fq, fk, fv = q.shape[-1], k.shape[-1], v.shape[-1]
+        d_head = _head_dim(parent, self.model_config, fq)
+        if fk % d_head or fq % fk:
+            d_head = fk  # unknown layout: treat K as one group shared by all query features
+        n_kv = fk // d_head
+        group = fq // fk
+        heads = fq // d_head
+        f64 = torch.float64
+        qn = (self._nz_act(q) & qm[..., None]).to(f64).reshape(*q.shape[:2], n_kv, group, d_head)
+        kn = (self._nz_act(k) & km[..., None]).to(f64).reshape(*k.shape[:2], n_kv, 1, d_head)
+        vn = (self._nz_act(v) & km[..., None]).to(f64)
+        qmf, kmf = qm.to(f64), km.to(f64)
+        tq, tk = q.shape[1], k.shape[1]
+        if causal:
+            offset = tk - tq  # query i sits at key position offset + i
+            if offset < 0:
+                return
+            keys_seen = kmf.cumsum(dim=1)[:, offset:]  # (B, Tq): real keys at or before the query
+            pairs = float((qmf * keys_seen).sum())
+            qk_nz = float((qn * kn.cumsum(dim=1)[:, offset:]).sum())
+            q_pad = torch.zeros_like(kmf)
+            q_pad[:, offset:] = qmf
+            queries_after = q_pad.flip(1).cumsum(1).flip(1)  # (B, Tk): real queries that see key j
+            av_nz = float((queries_after * vn.sum(dim=-1)).sum()) * group
+        else:
+            pairs = float((qmf.sum(1) * kmf.sum(1)).sum())
+            qk_nz = float((qn.sum(dim=1) * kn.sum(dim=1)).sum())
+            av_nz = float((qmf.sum(1) * vn.sum(dim=(1, 2))).sum()) * group
+        n_q, n_k = int(qm.sum()), int(km.sum())
+        qk = OpCounts(
+            inputs=n_q * fq + n_k * fk, inputs_nz=int(qn.sum()) + int(kn.sum()),
+            outputs=int(pairs) * heads, outputs_nz=int(pairs) * heads,
+            macs=int(pairs) * fq, macs_nz=int(round(qk_nz)))
+        av = OpCounts(
+            inputs=int(pairs) * heads + n_k * fv, inputs_nz=int(pairs) * heads + int(vn.sum()),
+            outputs=n_q * fv * group, outputs_nz=n_q * fv * group,
+            macs=int(pairs) * fv * group, macs_nz=int(round(av_nz)))
+        self._record(f"{name}:qk", "attention_qk", qk)
+        self._record(f"{name}:av", "attention_av", av)
+
+    def _default_causal(self, name: str) -> bool:
+        cfg = self.model_config
+        if cfg is None:
+            return False
+        if getattr(cfg, "is_encoder_decoder", False):
+            return bool(_DECODER_PATH.search(name))
+        if getattr(cfg, "is_decoder", False):
+            return True
+        can_generate = getattr(self.base, "can_generate", None)
+        return bool(callable(can_generate) and can_generate())
+
+    # driving -----------------------------------------------------------------------------
+    def run_batch(self, batch) -> float | None:
+        self.masks = TokenMasks.from_batch(self.model, batch)
+        self.pending.clear()
+        self.batch_counts = {}
+        call_model(self.model, batch)
+        self.pending.clear()
+        m = self.masks.encoder
+        if m is not None:
+            self.tokens += int(m.sum())
+            if self.masks.encdec and self.masks.decoder is not None:
+                self.tokens += int(self.masks.decoder.sum())
+        dense = sum(c.dense_energy(self.cfg) for c in self.batch_counts.values())
+        sparse = sum(c.sparse_energy(self.cfg) for c in self.batch_counts.values())
+        return sparse / dense if dense else None
+
+    def report(self, batch_ratios: list[float], n_batches: int) -> EnergyReport:
+        rows = []
+        for name, (kind, c) in self.counts.items():
+            dense, sparse = c.dense_energy(self.cfg), c.sparse_energy(self.cfg)
+            row = {"name": name, "kind": kind, "calls": self.calls[name], "dense": dense, "sparse": sparse,
+                   "ratio": sparse / dense if dense else 1.0}
+            row.update({f"n_{f.name}": getattr(c, f.name) for f in fields(c)})
+            rows.append(row)
+        return EnergyReport(
+            dense_energy=sum(r["dense"] for r in rows), sparse_energy=sum(r["sparse"] for r in rows),
+            per_layer=rows, batch_ratios=batch_ratios, tokens=self.tokens, batches=n_batches,
+            skipped=sorted(self.skipped | self.opaque), config=self.cfg)
+
+
+def estimate_energy(model: nn.Module, batches: Iterable, config: EnergyConfig | None = None) -> EnergyReport:
+    """Run ``model`` (eval mode, no grad) over ``batches`` and estimate the energy of a dense and
+    a zero-skipping ASIC.
+
+    ``batches`` yields tokenized inputs: dicts passed as ``model(**batch)`` (with
+    ``attention_mask`` for padded batches; labels are passed through, encoder–decoder models
+    need them or decoder inputs), or tensors/tuples passed positionally (no padding then). All
+    hooks are removed and the training mode restored afterwards.
+    """
+    cfg = config if config is not None else EnergyConfig()
+    est = _Estimator(model, cfg)
+    device = model_device(model)
+    was_training = {m: m.training for m in model.modules()}
+    ratios: list[float] = []
+    n_batches = 0
+    model.eval()
+    try:
+        est.attach()
+        with torch.no_grad():
+            for batch in batches:
+                ratio = est.run_batch(move_batch(batch, device))
+                n_batches += 1
+                if ratio is not None:
+                    ratios.append(ratio)
+    finally:
+        est.detach()
+        for m, flag in was_training.items():
+            m.training = flag
+    return est.report(ratios, n_batches)
+
+
+__all__ = [
+    "EnergyConfig", "EnergyReport", "OpCounts", "TokenMasks", "estimate_energy", "energy_change",
+    "SPONGE_MEMORY_PJ", "SPONGE_COMPUTE_PJ", "SPONGE_ZERO_THRESHOLD_FP32", "HOROWITZ_45NM_PJ", "KINDS",
+]

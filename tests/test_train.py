@@ -1,0 +1,161 @@
+"""Training end to end on tiny models: results schema, save/reload, resume, NaN stop, compare."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from deft.compare import compare, comparison_table
+from deft.loss import DensityLossConfig
+from deft.train import NonFiniteLossError, TrainConfig, load_run, train
+
+RESULT_KEYS = {"task", "model", "method", "mode", "seed", "metrics", "density", "trainable_params", "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT with MiniLM's vocabulary (so its tokenizer fits) and widths bitsandbytes' CPU kernel takes."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+                add_pooling_layer=True).save_pretrained(path)
+    return str(path)
+
+
+def tiny_config(model_dir, shared_data, **overrides):
+    base = dict(model=model_dir, tokenizer="minilm", task="sst2", method="lora", max_train_samples=16,
+                max_eval_samples=16, batch_size=8, eval_batch_size=8, max_steps=2, max_length=32,
+                data_dir=str(shared_data), learning_rate=1e-3)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix", "prompt", "qlora"])
+def test_train_two_steps_saves_and_reloads_same_outputs(method, tiny_bert_dir, shared_data, tmp_path):
+    cfg = tiny_config(tiny_bert_dir, shared_data, method=method)
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert RESULT_KEYS <= set(results)
+    assert results["steps"] == 2 and results["mode"] == "deft" and results["method"] == method
+    assert 0 < results["trainable_params"] < results["total_params"]
+    assert set(results["density"]) >= {"overall", "per_layer", "encoder", "decoder", "threshold"}
+    assert results["density"]["decoder"] is None and len(results["density"]["per_layer"]) == 2
+    assert "accuracy" in results["metrics"]
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["metrics"] == results["metrics"]
+    # reload twice from disk: the trained modules are restored, outputs identical
+    _, model_a, tok = load_run(tmp_path / "run")
+    _, model_b, _ = load_run(tmp_path / "run")
+    batch = tok(["a fine film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model_a(**batch).logits, model_b(**batch).logits)
+
+
+def test_reloaded_run_reproduces_saved_metric_and_density(tiny_bert_dir, shared_data, tmp_path):
+    from deft.cli import main
+
+    cfg = tiny_config(tiny_bert_dir, shared_data)
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert main(["eval", "--run", str(tmp_path / "run"), "--max-samples", "16", "--json", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["metrics"]["accuracy"] == pytest.approx(results["metrics"]["accuracy"])
+    assert again["density"]["overall"] == pytest.approx(results["density"]["overall"])
+
+
+def test_peft_and_deft_differ_only_by_the_loss(tiny_bert_dir, shared_data, tmp_path):
+    peft = train(tiny_config(tiny_bert_dir, shared_data, mode="peft"), tmp_path / "p", progress=False)
+    deft0 = train(tiny_config(tiny_bert_dir, shared_data, density=DensityLossConfig(weight=0.0)), tmp_path / "d",
+                  progress=False)
+    # λ = 0 is PEFT exactly: same data order, same updates, same result
+    assert deft0["metrics"]["loss"] == pytest.approx(peft["metrics"]["loss"], rel=1e-5)
+    deft = train(tiny_config(tiny_bert_dir, shared_data, density=DensityLossConfig(weight=50.0, eps=1e-2)),
+                 tmp_path / "d2", progress=False)
+    assert deft["metrics"]["loss"] != pytest.approx(peft["metrics"]["loss"], rel=1e-5)
+
+
+def test_resume_continues_from_checkpoint(tiny_bert_dir, shared_data, tmp_path):
+    first = train(tiny_config(tiny_bert_dir, shared_data, max_steps=2), tmp_path / "run", progress=False)
+    assert first["resumed_from"] is None
+    (tmp_path / "run" / "run_config.json").unlink()  # settings change: allowed once the old config is gone
+    more = train(tiny_config(tiny_bert_dir, shared_data, max_steps=4), tmp_path / "run", resume=True, progress=False)
+    assert more["resumed_from"] and more["resumed_from"].endswith("checkpoint-2")
+    assert more["steps"] == 4
+
+
+def test_resume_with_different_settings_is_refused(tiny_bert_dir, shared_data, tmp_path):
+    train(tiny_config(tiny_bert_dir, shared_data), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="different settings"):
+        train(tiny_config(tiny_bert_dir, shared_data, learning_rate=5e-3), tmp_path / "run", resume=True,
+              progress=False)
+
+
+def test_nan_loss_stops_with_the_step(tiny_bert_dir, shared_data, tmp_path, monkeypatch):
+    original = torch.optim.AdamW.step
+
+    def poisoning_step(self, *args, **kwargs):  # the first update turns the weights into NaN
+        out = original(self, *args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    cfg = tiny_config(tiny_bert_dir, shared_data, max_steps=3)
+    with pytest.raises(NonFiniteLossError, match=r"step 2"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(mode="half"), "mode"), (dict(lambda_warmup=2.0), "lambda_warmup"), (dict(batch_size=0), "batch_size"),
+])
+def test_bad_train_config_rejected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_unknown_method_lists_choices(tiny_bert_dir, shared_data, tmp_path):
+    with pytest.raises(ValueError, match="lora"):
+        train(tiny_config(tiny_bert_dir, shared_data, method="ia3"), tmp_path / "run", progress=False)
+
+
+def test_compare_writes_table_json_and_plot(tiny_bert_dir, shared_data, tmp_path):
+    cfg = tiny_config(tiny_bert_dir, shared_data, density=DensityLossConfig(weight=5.0, eps=1e-2))
+    payload = compare(cfg, [0, 1], tmp_path / "cmp", progress=False)
+    s = payload["summary"]
+    assert len(payload["runs"]["peft"]) == 2 and len(payload["runs"]["deft"]) == 2
+    expected = (s["peft"]["density"]["mean"] - s["deft"]["density"]["mean"]) / s["peft"]["density"]["mean"] * 100
+    assert s["density_change"]["density"] == pytest.approx(expected)
+    assert math.isfinite(s["metric_delta"])
+    assert (tmp_path / "cmp" / "comparison.json").exists()
+    assert (tmp_path / "cmp" / "density_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    table = comparison_table(payload)
+    assert "PEFT" in table and "DEFT" in table and "change %" in table
+    # a second compare reuses the finished runs instead of training again
+    mtime = (tmp_path / "cmp" / "peft-seed0" / "results.json").stat().st_mtime
+    compare(cfg, [0, 1], tmp_path / "cmp", progress=False)
+    assert (tmp_path / "cmp" / "peft-seed0" / "results.json").stat().st_mtime == mtime
+
+
+def test_torchrun_two_processes_gloo(tiny_bert_dir, shared_data, tmp_path):
+    """A 2-process CPU run through torchrun: the Trainer shards the data, both ranks train."""
+    script = tmp_path / "dist_train.py"
+    script.write_text(
+        "import sys, json\n"
+        "from deft.train import TrainConfig, train\n"
+        f"cfg = TrainConfig(model={tiny_bert_dir!r}, tokenizer='minilm', task='sst2', method='lora', "
+        f"max_train_samples=32, max_eval_samples=8, batch_size=4, eval_batch_size=4, max_steps=2, max_length=16, "
+        f"data_dir={str(shared_data)!r})\n"
+        "import torch.distributed as dist\n"
+        f"r = train(cfg, {str(tmp_path / 'run')!r}, progress=False)\n"
+        "print('WORLD', dist.get_world_size() if dist.is_initialized() else 1, 'STEPS', r['steps'])\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("WORLD 2 STEPS 2") == 2
