@@ -113,14 +113,23 @@ def lora_target_modules(model: nn.Module, config: LoraMethodConfig) -> list[str]
     return targets
 
 
+def _all_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    """Whether every module the targets match is GPT-2's Conv1D (weights stored (in, out))."""
+    matched = [mod for name, mod in unwrap_model(model).named_modules()
+               if any(name == t or name.endswith(f".{t}") for t in targets)]
+    return bool(matched) and all(type(mod).__name__ == "Conv1D" for mod in matched)
+
+
 def build_lora_config(model: nn.Module, config: LoraMethodConfig, task_type: str | None):
     from peft import LoraConfig
 
+    targets = lora_target_modules(model, config)
     modules_to_save = list(config.modules_to_save or []) + list(extra_modules_to_save(model, task_type) or [])
     return LoraConfig(
         task_type=task_type, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=lora_target_modules(model, config), bias=config.bias,
-        modules_to_save=modules_to_save or None, inference_mode=False,
+        target_modules=targets, bias=config.bias, modules_to_save=modules_to_save or None,
+        # peft would switch this on per Conv1D layer itself, with a warning; 4-bit GPT-2 has Linear4bit
+        fan_in_fan_out=_all_conv1d(model, targets), inference_mode=False,
     )
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..sites import unwrap_model
 from .base import ALL_TASK_HEADS, PeftLibraryMethod, register_method
 from .lora import LoraMethodConfig, build_lora_config
 
@@ -150,6 +151,8 @@ class QLoraMethod(PeftLibraryMethod):
 
     def apply(self, model, config=None, task_type="SEQ_CLS"):
         config = self.resolve_config(config)
+        if unwrap_model(model) is not model:
+            raise ValueError("apply() takes a plain transformers model, got a model already wrapped by peft")
         self._require_4bit(model)
         self._check_task_type(task_type)
         return super().apply(self._prepare(model, config), config, task_type)
