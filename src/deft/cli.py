@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -147,18 +148,57 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def model_args(p):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in alias, local directory or hub name (default: {DEFAULT_MODEL})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or directory, if the model has none")
+    p.add_argument("--point", choices=("act", "product"), default="act",
+                   help="gated MLPs: measure σ's output (act, default) or the gated product")
+
+
+def train_args(p):
+    from .methods import METHODS
+    from .tasks import TASKS
+
+    model_args(p)
+    p.add_argument("--task", default="sst2", help=f"one of {', '.join(sorted(TASKS))} (default sst2)")
+    p.add_argument("--method", default="lora", help=f"one of {', '.join(sorted(METHODS))} (default lora)")
+    p.add_argument("--method-options", default=None, metavar="JSON",
+                   help='method config overrides, e.g. \'{"r": 16}\'')
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="λ, weight of the density loss")
+    p.add_argument("--approx", default="l0", help="density approximation: l0, tanh, sigmoid, l1")
+    p.add_argument("--eps", type=float, default=None,
+                   help=f"ε of the l0 approximation (default {DEFAULT_EPS:g}; the paper's 1e-7 barely moves "
+                        "GELU models in a short run)")
+    p.add_argument("--beta", type=float, default=None, help="β of the tanh/sigmoid approximation")
+    p.add_argument("--encoder-weight", type=float, default=1.0)
+    p.add_argument("--decoder-weight", type=float, default=1.0)
+    p.add_argument("--lambda-warmup", type=float, default=0.0, help="ramp λ from 0 over this share of steps")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-train-samples", type=int, default=2000,
+                   help="training subset size (default 2000 — a laptop-sized run; 0 = the full set)")
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--threshold", type=float, default=1e-2, help="τ of the threshold density")
+    p.add_argument("--evals-per-epoch", type=int, default=1)
+    p.add_argument("--data-dir", default=None, help="data directory (default: $DEFT_DATA_DIR, else the hub)")
+
+
+# Command groups that live in their own modules; each module has add_commands(subparsers).
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deft", description="Density-efficient fine-tuning of transformers.")
     parser.add_argument("--version", action="version", version=f"deft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_args(p):
-        p.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"built-in alias, local directory or hub name (default: {DEFAULT_MODEL})")
-        p.add_argument("--tokenizer", default=None, help="tokenizer name or directory, if the model has none")
-        p.add_argument("--point", choices=("act", "product"), default="act",
-                       help="gated MLPs: measure σ's output (act, default) or the gated product")
 
     p = sub.add_parser("inspect", help="list a model's MLP activation sites")
     model_args(p)
@@ -177,39 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     p.set_defaults(func=cmd_density)
-
-    def train_args(p):
-        from .methods import METHODS
-        from .tasks import TASKS
-
-        model_args(p)
-        p.add_argument("--task", default="sst2", help=f"one of {', '.join(sorted(TASKS))} (default sst2)")
-        p.add_argument("--method", default="lora", help=f"one of {', '.join(sorted(METHODS))} (default lora)")
-        p.add_argument("--method-options", default=None, metavar="JSON",
-                       help='method config overrides, e.g. \'{"r": 16}\'')
-        p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="λ, weight of the density loss")
-        p.add_argument("--approx", default="l0", help="density approximation: l0, tanh, sigmoid, l1")
-        p.add_argument("--eps", type=float, default=None,
-                       help=f"ε of the l0 approximation (default {DEFAULT_EPS:g}; the paper's 1e-7 barely moves "
-                            "GELU models in a short run)")
-        p.add_argument("--beta", type=float, default=None, help="β of the tanh/sigmoid approximation")
-        p.add_argument("--encoder-weight", type=float, default=1.0)
-        p.add_argument("--decoder-weight", type=float, default=1.0)
-        p.add_argument("--lambda-warmup", type=float, default=0.0, help="ramp λ from 0 over this share of steps")
-        p.add_argument("--epochs", type=float, default=1.0)
-        p.add_argument("--max-steps", type=int, default=-1)
-        p.add_argument("--lr", type=float, default=1e-3)
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--eval-batch-size", type=int, default=64)
-        p.add_argument("--grad-accum", type=int, default=1)
-        p.add_argument("--gradient-checkpointing", action="store_true")
-        p.add_argument("--max-length", type=int, default=128)
-        p.add_argument("--max-train-samples", type=int, default=2000,
-                       help="training subset size (default 2000 — a laptop-sized run; 0 = the full set)")
-        p.add_argument("--max-eval-samples", type=int, default=None)
-        p.add_argument("--threshold", type=float, default=1e-2, help="τ of the threshold density")
-        p.add_argument("--evals-per-epoch", type=int, default=1)
-        p.add_argument("--data-dir", default=None, help="data directory (default: $DEFT_DATA_DIR, else the hub)")
 
     p = sub.add_parser("train", help="train one PEFT or DEFT run")
     train_args(p)
@@ -237,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None, metavar="FILE")
     p.set_defaults(func=cmd_eval)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

@@ -168,53 +168,120 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
     return DeftTrainer(**trainer_kwargs)
 
 
-# -- building blocks shared by train / eval ---------------------------------------------------
-def build_model(config: TrainConfig, tokenizer, task):
+# -- what differs between tasks ---------------------------------------------------------------
+class TaskRunner:
+    """The task-specific half of a run: which head to load, the data, the collator, the metrics.
+
+    ``train()`` is task-agnostic and asks a runner for these; GLUE is :class:`GlueRunner`.
+    Other task kinds register a runner class in :data:`RUNNERS` under their ``TaskSpec.kind``.
+    """
+
+    task_type = "SEQ_CLS"  # peft's task type
+
+    def __init__(self, task, config: "TrainConfig"):
+        self.task, self.config = task, config
+
+    def auto_class(self):
+        raise NotImplementedError
+
+    def model_kwargs(self) -> dict:
+        return {}
+
+    def datasets(self, tokenizer):
+        """(tokenized train set, tokenized evaluation set)."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer, model):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+
+    def compute_metrics(self):
+        return None
+
+    def final_metrics(self, trainer, eval_set) -> dict:
+        """Metrics of the trained model on the evaluation set (keys without ``eval_``)."""
+        final = trainer.evaluate(eval_set)
+        skip = ("eval_density", "eval_union", "eval_runtime", "eval_samples", "eval_steps")
+        return {k[len("eval_"):]: v for k, v in final.items() if k.startswith("eval_") and not k.startswith(skip)}
+
+
+class GlueRunner(TaskRunner):
+    task_type = "SEQ_CLS"
+
+    def auto_class(self):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self) -> dict:
+        return {"num_labels": self.task.num_labels}
+
+    def datasets(self, tokenizer):
+        from .evaluation import tokenize_glue
+        from .tasks import load_glue
+
+        c = self.config
+        train = load_glue(self.task.name, "train", data_dir=c.data_dir, max_samples=c.max_train_samples, seed=c.seed)
+        dev = load_glue(self.task.name, self.task.dev_split, data_dir=c.data_dir, max_samples=c.max_eval_samples,
+                        seed=c.seed)
+        return tokenize_glue(train, tokenizer, c.max_length), tokenize_glue(dev, tokenizer, c.max_length)
+
+    def compute_metrics(self):
+        from .tasks import compute_glue_metrics, predictions_from_logits
+
+        name = self.task.name
+
+        def compute(eval_pred):
+            preds = eval_pred.predictions
+            logits = preds[0] if isinstance(preds, tuple) else preds
+            return compute_glue_metrics(name, predictions_from_logits(name, logits), eval_pred.label_ids)
+
+        return compute
+
+
+RUNNERS: dict[str, type[TaskRunner]] = {"glue": GlueRunner}
+
+
+def task_runner(config: "TrainConfig") -> TaskRunner:
+    from .tasks import get_task
+
+    task = get_task(config.task)
+    kind = getattr(task, "kind", "glue")
+    if kind not in RUNNERS:
+        raise ValueError(f"no training support for task kind {kind!r} (known: {sorted(RUNNERS)})")
+    return RUNNERS[kind](task, config)
+
+
+def build_model(config: TrainConfig, tokenizer, runner: TaskRunner):
     """Base model for the task, loaded the way the method needs (e.g. 4-bit for QLoRA)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     from .methods import get_method
     from .models import resolve_model_path
 
     method = get_method(config.method)
     method_config = method.resolve_config(config.method_options or None)
-    model = method.load_base(resolve_model_path(config.model), AutoModelForSequenceClassification, method_config,
-                             num_labels=task.num_labels)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a base checkpoint's task head is new by design; no load report
+    try:
+        model = method.load_base(resolve_model_path(config.model), runner.auto_class(), method_config,
+                                 **runner.model_kwargs())
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
     return method, method_config, model
 
 
-def _prepare_data(config: TrainConfig, task, tokenizer):
-    from .evaluation import tokenize_glue
-    from .tasks import load_glue
-
-    train = load_glue(task.name, "train", data_dir=config.data_dir, max_samples=config.max_train_samples,
-                      seed=config.seed)
-    dev = load_glue(task.name, task.dev_split, data_dir=config.data_dir, max_samples=config.max_eval_samples,
-                    seed=config.seed)
-    return tokenize_glue(train, tokenizer, config.max_length), tokenize_glue(dev, tokenizer, config.max_length)
-
-
-def _compute_metrics_fn(task):
-    from .tasks import compute_glue_metrics, predictions_from_logits
-
-    def compute(eval_pred):
-        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        return compute_glue_metrics(task.name, predictions_from_logits(task.name, logits), eval_pred.label_ids)
-
-    return compute
-
-
 def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train one run (PEFT or DEFT) and write the run directory; returns ``results.json``'s content."""
-    from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from .methods import trainable_parameters
     from .models import load_tokenizer
-    from .tasks import get_task
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,14 +294,15 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     if int(os.environ.get("RANK", "0")) == 0:
         saved_config.write_text(json.dumps(config.to_dict(), indent=2))
 
-    task = get_task(config.task)
+    runner = task_runner(config)
+    task = runner.task
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model, config.tokenizer)
-    method, method_config, model = build_model(config, tokenizer, task)
-    model = method.apply(model, method_config, task_type="SEQ_CLS")
+    method, method_config, model = build_model(config, tokenizer, runner)
+    model = method.apply(model, method_config, task_type=runner.task_type)
     sites = find_sites(model, config.site_point)
     trainable, total = trainable_parameters(model)
-    train_set, dev_set = _prepare_data(config, task, tokenizer)
+    train_set, dev_set = runner.datasets(tokenizer)
 
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.gradient_accumulation_steps))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
@@ -269,7 +337,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         sites=sites, density=config.density_loss, threshold=config.threshold,
         lambda_warmup_steps=int(config.lambda_warmup * total_steps),
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_compute_metrics_fn(task),
+        data_collator=runner.collator(tokenizer, model), compute_metrics=runner.compute_metrics(),
         processing_class=tokenizer,
     )
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
@@ -278,14 +346,11 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     train_seconds = time.perf_counter() - started
     trainer.capture.detach()
 
-    final = trainer.evaluate()
+    metrics = runner.final_metrics(trainer, dev_set)
     main_process = trainer.is_world_process_zero()  # under torchrun every rank gets here; one writes
     if main_process:
         method.save(model, out / "method")
         (out / "history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    metrics = {k[len("eval_"):]: v for k, v in final.items()
-               if k.startswith("eval_") and not k.startswith(("eval_density", "eval_union", "eval_runtime",
-                                                               "eval_samples", "eval_steps"))}
     results = {
         "task": task.name, "model": config.model, "method": config.method, "mode": config.mode,
         "seed": config.seed, "metrics": metrics, "main_metric": task.main_metric,
@@ -302,18 +367,15 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:
     """Rebuild a trained run: (config, model with its trained modules, tokenizer)."""
-    from .methods import get_method
     from .models import load_tokenizer
-    from .tasks import get_task
 
     run = Path(run_dir)
     config_file = run / "run_config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{run} is not a deft run directory (no run_config.json)")
     config = TrainConfig.from_dict(json.loads(config_file.read_text()))
-    task = get_task(config.task)
     tokenizer = load_tokenizer(config.model, config.tokenizer)
-    method, method_config, base = build_model(config, tokenizer, task)
-    model = get_method(config.method).load(base, run / "method")
+    method, _, base = build_model(config, tokenizer, task_runner(config))
+    model = method.load(base, run / "method")
     model.eval()
     return config, model, tokenizer
