@@ -126,3 +126,18 @@ def test_density_change_eq10():
 def test_all_approximations_registered():
     assert set(APPROXIMATIONS) == {"l0", "tanh", "sigmoid", "l1"}
     assert not math.isnan(make_approx("tanh")(torch.tensor(1.0)).item())
+
+
+def test_fused_l0_matches_autograd_value_and_gradient():
+    torch.manual_seed(0)
+    a = torch.randn(2, 5, 7, dtype=torch.float64) * 0.3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    approx = make_approx("l0", eps=1e-2)
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    fused = approx.masked_sum(a1, mask)
+    plain = (approx(a2) * mask.unsqueeze(-1)).sum()
+    torch.testing.assert_close(fused, plain)
+    fused.backward()
+    plain.backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    assert torch.autograd.gradcheck(lambda x: approx.masked_sum(x, mask), (a.clone().requires_grad_(),))

@@ -26,6 +26,36 @@ class L0Approx:
         sq = a * a
         return sq / (sq + self.eps)
 
+    def masked_sum(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Σ f(a) over masked-in rows, with a hand-written backward (see :class:`_L0MaskedSum`)."""
+        return _L0MaskedSum.apply(a, mask, self.eps)
+
+
+class _L0MaskedSum(torch.autograd.Function):
+    """Σ mask · a²/(a²+ε), fused.
+
+    Autograd would keep a², a²+ε and the masked product alive until backward — three extra
+    activation-sized tensors per MLP layer. Here only ``a`` is saved (the down projection keeps
+    it for its own backward anyway), and the derivative 2εa/(a²+ε)² is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, a, mask, eps):
+        ctx.save_for_backward(a, mask)
+        ctx.eps = eps
+        sq = a * a
+        sq.div_(sq + eps)
+        return (sq * mask.unsqueeze(-1).to(sq.dtype)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, mask = ctx.saved_tensors
+        den = a * a
+        den.add_(ctx.eps).square_()
+        out = a * (2 * ctx.eps) * grad
+        out.div_(den).mul_(mask.unsqueeze(-1).to(out.dtype))
+        return out, None, None
+
 
 @dataclass(frozen=True)
 class TanhApprox:

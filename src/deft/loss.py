@@ -51,8 +51,13 @@ def site_term(act: torch.Tensor, mask: torch.Tensor, approx) -> tuple[torch.Tens
 
     ``act`` is (B, T, h), ``mask`` (B, T) bool. f is evaluated in fp32 (see :mod:`deft.approx`).
     """
-    f = apply_fp32(approx, act)
-    total = (f * mask.unsqueeze(-1).to(f.dtype)).sum()
+    fused = getattr(approx, "masked_sum", None)
+    if fused is not None:
+        with torch.autocast(device_type=act.device.type, enabled=False):
+            total = fused(act.float(), mask)
+    else:
+        f = apply_fp32(approx, act)
+        total = (f * mask.unsqueeze(-1).to(f.dtype)).sum()
     return total, int(mask.sum()) * act.shape[-1]
 
 

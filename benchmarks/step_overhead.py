@@ -1,10 +1,15 @@
-"""Overhead of DEFT's capture + density loss on a MiniLM training step, side by side in one run.
+"""Cost of DEFT's capture + density loss on a MiniLM training step, side by side in one run.
 
 Same model, same batch, same optimizer: PEFT steps (task loss only, no hooks) and DEFT steps
 (hooks + λ·L_density) are interleaved, so machine noise hits both alike. Prints the ratio of
-median step times and writes benchmarks/results/capture_overhead.json.
+median step times and of training memory, and writes benchmarks/results/step_overhead.json.
 
-    python benchmarks/capture_overhead.py [--steps 20] [--batch-size 32] [--seq-len 64]
+Memory on CPU cannot be read per step side by side (RSS only grows), so the memory ratio is
+counted exactly instead: the bytes autograd keeps for backward during the forward (every saved
+tensor, once per storage) plus parameters, gradients and AdamW state of the trainable
+parameters and the frozen weights — the peak of a training step, up to allocator slack.
+
+    python benchmarks/step_overhead.py [--steps 20] [--batch-size 32] [--seq-len 64]
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
 
 from deft.approx import make_approx
 from deft.capture import ActivationCapture
 from deft.loss import DensityLossConfig, combine_terms
+from deft.methods import get_method
 from deft.models import load_for_sequence_classification, load_tokenizer
 from deft.tasks import load_glue
 
@@ -32,7 +37,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "capture_overhead.json"))
+    ap.add_argument("--method-options", default='{"include_mlp": true}', help="LoRA config (JSON), as in deft train")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -41,12 +47,32 @@ def main() -> None:
     batch = tok(list(data["text_a"]), padding="max_length", truncation=True, max_length=args.seq_len, return_tensors="pt")
     labels = torch.tensor(list(data["label"]))
     model = load_for_sequence_classification(args.model, 2, tokenizer=tok)
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
-                                             target_modules=["query", "value"]))
+    model = get_method("lora").apply(model, json.loads(args.method_options), task_type="SEQ_CLS")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_cfg = DensityLossConfig()
     capture = ActivationCapture(model, approx=make_approx("l0"))
+
+    def saved_bytes(deft: bool) -> int:
+        """Bytes autograd saves for backward in one forward (each storage counted once)."""
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if deft:
+                capture.attach()
+            out = model(**batch, labels=labels)
+            loss = out.loss
+            if deft:
+                loss = loss + combine_terms(capture.pop_terms(), loss_cfg)
+                capture.detach()
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        return sum(seen.values())
 
     def step(deft: bool) -> float:
         t0 = time.perf_counter()
@@ -70,15 +96,26 @@ def main() -> None:
         for side in order:
             times[side].append(step(side == "deft"))
     med = {k: statistics.median(v) for k, v in times.items()}
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    static = params + 3 * trainable  # weights + grads + AdamW's two moments
+    saved = {"peft": saved_bytes(False), "deft": saved_bytes(True)}
+    memory = {k: static + v for k, v in saved.items()}
     result = {
-        "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+        "model": args.model, "method_options": json.loads(args.method_options), "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
         "torch_threads": torch.get_num_threads(),
         "median_step_seconds": med, "step_time_ratio_deft_over_peft": med["deft"] / med["peft"],
+        "saved_for_backward_bytes": saved, "training_memory_bytes": memory,
+        "memory_ratio_deft_over_peft": memory["deft"] / memory["peft"],
+        "activation_memory_ratio_deft_over_peft": saved["deft"] / saved["peft"],
         "all_step_seconds": times,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"median step: PEFT {med['peft']:.3f}s, DEFT {med['deft']:.3f}s -> ratio {result['step_time_ratio_deft_over_peft']:.3f}")
+    print(f"training memory: PEFT {memory['peft'] / 2**20:.1f} MiB, DEFT {memory['deft'] / 2**20:.1f} MiB -> ratio "
+          f"{result['memory_ratio_deft_over_peft']:.3f} (saved activations alone: "
+          f"{result['activation_memory_ratio_deft_over_peft']:.3f})")
     print(f"wrote {args.out}")
 
 
