@@ -65,6 +65,11 @@ def test_reloaded_run_reproduces_saved_metric_and_density(tiny_bert_dir, shared_
     again = json.loads((tmp_path / "e.json").read_text())
     assert again["metrics"]["accuracy"] == pytest.approx(results["metrics"]["accuracy"])
     assert again["density"]["overall"] == pytest.approx(results["density"]["overall"])
+    # `deft density --model RUN_DIR` measures the saved fine-tuned run, not the base model
+    assert main(["density", "--model", str(tmp_path / "run"), "--task", "sst2", "--max-samples", "16",
+                 "--data-dir", str(shared_data), "--json", str(tmp_path / "d.json")]) == 0
+    measured = json.loads((tmp_path / "d.json").read_text())["density"]
+    assert measured["overall"] == pytest.approx(results["density"]["overall"])
 
 
 def test_peft_and_deft_differ_only_by_the_loss(tiny_bert_dir, shared_data, tmp_path):

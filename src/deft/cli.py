@@ -60,8 +60,13 @@ def cmd_density(args) -> int:
     task = get_task(args.task)
     split = task.resolve_split(args.split)
     dataset = load_glue(task.name, split, data_dir=args.data_dir, max_samples=args.max_samples, seed=args.seed)
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
-    model = load_for_sequence_classification(args.model, task.num_labels, tokenizer=tokenizer)
+    if (Path(args.model) / "run_config.json").exists():  # a saved fine-tuned run
+        from .train import load_run
+
+        _, model, tokenizer = load_run(args.model)
+    else:
+        tokenizer = load_tokenizer(args.model, args.tokenizer)
+        model = load_for_sequence_classification(args.model, task.num_labels, tokenizer=tokenizer)
     loader = make_loader(tokenize_glue(dataset, tokenizer, args.max_length), tokenizer, args.batch_size)
     out = evaluate(model, loader, sites=find_sites(model, args.point), threshold=args.threshold,
                    desc=f"density {task.name}/{split}")
@@ -93,7 +98,7 @@ def _train_config(args):
         max_eval_samples=args.max_eval_samples, lambda_warmup=args.lambda_warmup,
         gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
         threshold=args.threshold, evals_per_epoch=args.evals_per_epoch, seed=getattr(args, "seed", 0), data_dir=args.data_dir,
-        site_point=args.point)
+        site_point=args.point, ada=getattr(args, "ada", False), ada_lr_scale=getattr(args, "ada_lr_scale", 1.0))
 
 
 def _print_run(results: dict) -> None:
@@ -137,14 +142,21 @@ def cmd_eval(args) -> int:
     split = task.resolve_split(args.split) if args.split else task.dev_split
     data = load_glue(task.name, split, data_dir=args.data_dir or config.data_dir, max_samples=args.max_samples)
     loader = make_loader(tokenize_glue(data, tokenizer, config.max_length), tokenizer, args.batch_size)
-    out = evaluate(model, loader, sites=find_sites(model, config.site_point), threshold=args.threshold)
+    sites = find_sites(model, config.site_point)  # found before skipping: skipped sites then measure 0
+    skipped = []
+    if args.skip_threshold is not None:
+        from .adaptive import skip_blocks
+
+        skipped = [s.module for s in skip_blocks(model, sites, args.skip_threshold)]
+        print(f"skipped {len(skipped)} of {len(sites)} MLP blocks (|α| < {args.skip_threshold:g})")
+    out = evaluate(model, loader, sites=sites, threshold=args.threshold)
     metrics = compute_glue_metrics(task.name, predictions_from_logits(task.name, out.logits), out.labels)
     density = out.density.to_dict()
     print(f"{args.run}: {config.mode.upper()} {config.method} on {task.name}/{split} ({len(data)} examples)")
     print(", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()) + "\n")
     print(density_summary(density))
     _write_json(args.json, {"run": str(args.run), "task": task.name, "split": split, "metrics": metrics,
-                            "density": density})
+                            "density": density, "skip_threshold": args.skip_threshold, "skipped": skipped})
     return 0
 
 
@@ -188,10 +200,13 @@ def train_args(p):
     p.add_argument("--threshold", type=float, default=1e-2, help="τ of the threshold density")
     p.add_argument("--evals-per-epoch", type=int, default=1)
     p.add_argument("--data-dir", default=None, help="data directory (default: $DEFT_DATA_DIR, else the hub)")
+    p.add_argument("--ada", action="store_true",
+                   help="ADA-PEFT / ADA-DEFT: a trainable weight α per MLP block (blocks can then be skipped)")
+    p.add_argument("--ada-lr-scale", type=float, default=1.0, help="α learns this many times faster (Adam)")
 
 
 # Command groups that live in their own modules; each module has add_commands(subparsers).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("deft.cli_efficiency", "deft.cli_adaptive")
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -241,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threshold", type=float, default=1e-2)
+    p.add_argument("--skip-threshold", type=float, default=None,
+                   help="ADA runs: remove the MLP blocks with |α| below this (see deft.adaptive)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None, metavar="FILE")
     p.set_defaults(func=cmd_eval)
