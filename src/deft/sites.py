@@ -207,6 +207,8 @@ def _is_activation(mod: nn.Module) -> bool:
     torch_acts = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU)
     if isinstance(mod, torch_acts):
         return True
+    if getattr(type(mod), "wraps_activation", False):  # deft.adaptive's α·σ / skipped-block wrappers
+        return True
     # transformers' own activation classes (GELUActivation, NewGELUActivation, ...) live here.
     return type(mod).__module__ == "transformers.activations" and type(mod).__name__ not in ("LinearActivation",)
 

@@ -16,6 +16,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from .capture import ActivationCapture
+from .adaptive import (ADAPTIVE_DIR, AdaptiveConfig, apply_adaptive, checkpoint_callback, frozen_alphas,
+                       load_adaptive)
 from .loss import DensityLossConfig, combine_terms
 from .metrics import DensityMeter
 from .sites import SiteMap, find_sites
@@ -70,6 +73,11 @@ class TrainConfig:
     seed: int = 0
     data_dir: str | None = None
     site_point: str = "act"
+    # ADA-PEFT / ADA-DEFT (METHOD.md §4, deft.adaptive): one trainable α per MLP block.
+    ada: bool = False
+    ada_init: float = 0.8
+    ada_init_std: float = 0.05
+    ada_lr_scale: float = 1.0  # α moves this many times faster than the PEFT modules (Adam)
 
     def __post_init__(self):
         if isinstance(self.density, dict):
@@ -177,9 +185,21 @@ class TaskRunner:
     """
 
     task_type = "SEQ_CLS"  # peft's task type
+    #: Density of the final evaluation when ``final_metrics`` measured it itself (generate-based
+    #: evaluation runs outside the Trainer's loop); None → the Trainer's last evaluation.
+    final_density: dict | None = None
 
     def __init__(self, task, config: "TrainConfig"):
         self.task, self.config = task, config
+
+    def result_fields(self) -> dict:
+        """Task-specific extra keys for ``results.json`` (e.g. which split the metrics are on)."""
+        return {}
+
+    def evaluate_model(self, model, tokenizer, **options) -> "TaskEvaluation | None":
+        """Metrics and density of a trained model outside a Trainer (``deft eval``); None → not
+        provided by this runner (``deft eval`` then uses its GLUE path)."""
+        return None
 
     def auto_class(self):
         raise NotImplementedError
@@ -240,6 +260,18 @@ class GlueRunner(TaskRunner):
         return compute
 
 
+@dataclass
+class TaskEvaluation:
+    """What :meth:`TaskRunner.evaluate_model` returns: metrics, ``DensityReport.to_dict()``, and
+    the split, its size and any notes (e.g. ``split_note``)."""
+
+    metrics: dict
+    density: dict
+    split: str
+    samples: int
+    extra: dict = field(default_factory=dict)
+
+
 RUNNERS: dict[str, type[TaskRunner]] = {"glue": GlueRunner}
 
 
@@ -248,6 +280,8 @@ def task_runner(config: "TrainConfig") -> TaskRunner:
 
     task = get_task(config.task)
     kind = getattr(task, "kind", "glue")
+    if kind not in RUNNERS and getattr(task, "runner_module", None):
+        importlib.import_module(task.runner_module)  # registers the kind's runner in RUNNERS
     if kind not in RUNNERS:
         raise ValueError(f"no training support for task kind {kind!r} (known: {sorted(RUNNERS)})")
     return RUNNERS[kind](task, config)
@@ -301,6 +335,10 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     method, method_config, model = build_model(config, tokenizer, runner)
     model = method.apply(model, method_config, task_type=runner.task_type)
     sites = find_sites(model, config.site_point)
+    # α after the method: peft freezes every parameter that exists when it wraps the model.
+    adaptive = apply_adaptive(model, sites, AdaptiveConfig(
+        init=config.ada_init, init_std=config.ada_init_std, seed=config.seed,
+        lr_scale=config.ada_lr_scale)) if config.ada else None
     trainable, total = trainable_parameters(model)
     train_set, dev_set = runner.datasets(tokenizer)
 
@@ -339,9 +377,12 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
         data_collator=runner.collator(tokenizer, model), compute_metrics=runner.compute_metrics(),
         processing_class=tokenizer,
+        callbacks=[checkpoint_callback(adaptive)] if adaptive else None,
     )
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     started = time.perf_counter()
+    if adaptive and checkpoint and (Path(checkpoint) / ADAPTIVE_DIR).is_dir():
+        adaptive.load(Path(checkpoint) / ADAPTIVE_DIR)  # peft checkpoints hold no α
     trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     trainer.capture.detach()
@@ -349,15 +390,20 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     metrics = runner.final_metrics(trainer, dev_set)
     main_process = trainer.is_world_process_zero()  # under torchrun every rank gets here; one writes
     if main_process:
-        method.save(model, out / "method")
+        with frozen_alphas(model):  # α lives in adaptive/, not in the method's checkpoint
+            method.save(model, out / "method")
+        if adaptive:
+            adaptive.save(out / ADAPTIVE_DIR)
         (out / "history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     results = {
         "task": task.name, "model": config.model, "method": config.method, "mode": config.mode,
         "seed": config.seed, "metrics": metrics, "main_metric": task.main_metric,
-        "density": trainer.last_density,
+        "density": runner.final_density if runner.final_density is not None else trainer.last_density,
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "train_seconds": train_seconds, "steps": trainer.state.global_step,
         "train_samples": len(train_set), "eval_samples": len(dev_set), "resumed_from": checkpoint,
+        **runner.result_fields(),
+        "alphas": adaptive.report() if adaptive else None,
         "config": config.to_dict(),
     }
     if main_process:
@@ -377,5 +423,10 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:
     tokenizer = load_tokenizer(config.model, config.tokenizer)
     method, _, base = build_model(config, tokenizer, task_runner(config))
     model = method.load(base, run / "method")
+    if config.ada:
+        load_adaptive(model, run / ADAPTIVE_DIR, find_sites(model, config.site_point))
+    from .pruned_run import apply_pruned_weights  # a `deft prune` output: merged, pruned weights
+
+    model = apply_pruned_weights(model, run)
     model.eval()
     return config, model, tokenizer

@@ -15,16 +15,20 @@ from deft.tasks.glue import (
     predictions_from_logits,
     resolve_data_dir,
 )
+from deft.tasks.squad import SQUAD_TASKS, SquadTask, load_squad, squad_metrics
 
 __all__ = [
     "TASKS",
     "GlueTask",
+    "SquadTask",
     "TaskSpec",
     "compute_glue_metrics",
     "get_task",
     "load_glue",
+    "load_squad",
     "predictions_from_logits",
     "resolve_data_dir",
+    "squad_metrics",
 ]
 
 
@@ -43,7 +47,8 @@ class TaskSpec(Protocol):
 
 
 # Read-only so the registry is fixed at import time; new benchmarks add their specs here.
-TASKS: Mapping[str, TaskSpec] = MappingProxyType({**GLUE_TASKS})
+# Specs without a ``kind`` attribute are GLUE tasks; SQuAD specs have kind "squad".
+TASKS: Mapping[str, TaskSpec] = MappingProxyType({**GLUE_TASKS, **SQUAD_TASKS})
 """All tasks by canonical name."""
 
 
