@@ -26,35 +26,47 @@ class L0Approx:
         sq = a * a
         return sq / (sq + self.eps)
 
-    def masked_sum(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Σ f(a) over masked-in rows, with a hand-written backward (see :class:`_L0MaskedSum`)."""
-        return _L0MaskedSum.apply(a, mask, self.eps)
+    def masked_sum(self, a: torch.Tensor, mask: torch.Tensor, source=None) -> torch.Tensor:
+        """Σ f(a) over masked-in rows, with a hand-written backward (see :class:`_L0MaskedSum`).
+
+        ``source = (fn, x)`` with ``a = fn(x)`` lets backward recompute ``a`` from ``x`` instead of
+        keeping ``a`` alive: the activation function saves ``x`` for its own backward anyway.
+        """
+        fn, x = source if source is not None else (None, None)
+        return _L0MaskedSum.apply(a, mask, self.eps, x, fn)
 
 
 class _L0MaskedSum(torch.autograd.Function):
     """Σ mask · a²/(a²+ε), fused.
 
     Autograd would keep a², a²+ε and the masked product alive until backward — three extra
-    activation-sized tensors per MLP layer. Here only ``a`` is saved (the down projection keeps
-    it for its own backward anyway), and the derivative 2εa/(a²+ε)² is recomputed in backward.
+    activation-sized tensors per MLP layer — plus ``a`` itself, which a frozen down projection
+    does not need. Here nothing activation-sized is added: with a source ``(fn, x)``, only ``x``
+    (already saved by σ) is kept and ``a = fn(x)`` is recomputed in backward; the derivative
+    2εa/(a²+ε)² is computed there too.
     """
 
     @staticmethod
-    def forward(ctx, a, mask, eps):
-        ctx.save_for_backward(a, mask)
-        ctx.eps = eps
+    def forward(ctx, a, mask, eps, x, fn):
+        ctx.eps, ctx.fn, ctx.shape, ctx.dtype = eps, fn, a.shape, a.dtype
+        ctx.save_for_backward(x if fn is not None else a, mask)
         sq = a * a
         sq.div_(sq + eps)
         return (sq * mask.unsqueeze(-1).to(sq.dtype)).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        a, mask = ctx.saved_tensors
+        saved, mask = ctx.saved_tensors
+        if ctx.fn is not None:
+            with torch.no_grad(), torch.autocast(device_type=saved.device.type, enabled=False):
+                a = ctx.fn(saved).to(ctx.dtype).reshape(ctx.shape)
+        else:
+            a = saved
         den = a * a
         den.add_(ctx.eps).square_()
         out = a * (2 * ctx.eps) * grad
         out.div_(den).mul_(mask.unsqueeze(-1).to(out.dtype))
-        return out, None, None
+        return out, None, None, None, None
 
 
 @dataclass(frozen=True)

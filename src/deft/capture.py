@@ -194,12 +194,17 @@ class ActivationCapture:
             self.meter.end_sequences()
 
     def _on_output(self, index, module, inputs, output):
-        self._record(index, output[0] if isinstance(output, tuple) else output)
+        act = output[0] if isinstance(output, tuple) else output
+        # σ's input lets the loss recompute σ's output in backward instead of keeping it alive;
+        # ``module.forward`` (not ``module(...)``) so no hook fires during that recomputation.
+        source = (module.forward, inputs[0]) if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor) \
+            and inputs[0].shape == act.shape else None
+        self._record(index, act, source)
 
     def _on_input(self, index, module, inputs):
         self._record(index, inputs[0])
 
-    def _record(self, index: int, act: torch.Tensor) -> None:
+    def _record(self, index: int, act: torch.Tensor, source=None) -> None:
         site = self.sites.sites[index]
         act3, mask = align_mask(act, self._masks[site.stack], self._batch_size)
         wants_loss = self.approx is not None and torch.is_grad_enabled() and act.requires_grad
@@ -208,11 +213,11 @@ class ActivationCapture:
             # the same saved tensors as in the forward (it checks), but count nothing.
             self.recomputed[index] += 1
             if wants_loss:
-                site_term(act3, mask, self.approx)
+                site_term(act3, mask, self.approx, source)
             return
         self._fired.add(index)
         self.calls[index] += 1
         if wants_loss:
-            self._terms[site.stack].append(site_term(act3, mask, self.approx))
+            self._terms[site.stack].append(site_term(act3, mask, self.approx, source))
         if self.meter is not None:
             self.meter.update(index, act3.detach(), mask)

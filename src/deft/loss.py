@@ -46,15 +46,17 @@ class DensityLossConfig:
         return self.encoder_weight if stack == "encoder" else self.decoder_weight
 
 
-def site_term(act: torch.Tensor, mask: torch.Tensor, approx) -> tuple[torch.Tensor, int]:
+def site_term(act: torch.Tensor, mask: torch.Tensor, approx, source=None) -> tuple[torch.Tensor, int]:
     """Σ f(a) over the real tokens of one site, and the number of elements summed.
 
     ``act`` is (B, T, h), ``mask`` (B, T) bool. f is evaluated in fp32 (see :mod:`deft.approx`).
+    ``source = (fn, x)`` with ``act = fn(x)`` lets a fused approximation recompute ``act`` in
+    backward instead of keeping it.
     """
     fused = getattr(approx, "masked_sum", None)
     if fused is not None:
         with torch.autocast(device_type=act.device.type, enabled=False):
-            total = fused(act.float(), mask)
+            total = fused(act.float(), mask, source if act.dtype == torch.float32 else None)
     else:
         f = apply_fp32(approx, act)
         total = (f * mask.unsqueeze(-1).to(f.dtype)).sum()
