@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def run_or_reuse(config, run_dir: Path) -> dict:
     done = run_dir / "results.json"
     if done.exists() and json.loads(done.read_text()).get("config") == json.loads(json.dumps(config.to_dict())):
         return json.loads(done.read_text())
+    saved = run_dir / "run_config.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(config.to_dict())):
+        print(f"== {run_dir} holds a run with other settings: starting it again", flush=True)
+        shutil.rmtree(run_dir)  # a scratch run of this benchmark (under --runs-dir), not user data
     print(f"== training {config.mode.upper()} (ADA) λ={config.density.weight:g} -> {run_dir}", flush=True)
     return train(config, run_dir, resume=run_dir.exists(), progress=False)
 
@@ -81,6 +86,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("DEFT_DATA_DIR"))
     ap.add_argument("--runs-dir", default=str(HERE / "out" / "ada"))
     ap.add_argument("--results-dir", default=str(RESULTS))
+    ap.add_argument("--reuse-bench", action="store_true",
+                    help="reuse an existing results/ada_<model>_lam<λ>.json of the same run (rebuild the summary)")
     ap.add_argument("--smoke", action="store_true", help="tiny settings, to check the pipeline (not a measurement)")
     args = ap.parse_args()
     if args.smoke:
@@ -102,7 +109,12 @@ def main() -> None:
     for name in args.models:
         model, tokenizer = (tiny_t5_dir(runs), "minilm") if name == "tiny-t5" else (name, None)
         label = Path(name).name
+        # T5ForSequenceClassification names its head `classification_head`, which deft.methods does
+        # not list among the task heads: without this it stays random and is re-drawn at every load.
+        options = {"modules_to_save": ["classification_head"]} if name == "tiny-t5" and \
+            args.method in ("lora", "qlora") else {}
         base = TrainConfig(task=args.task, method=args.method, mode="peft", model=model, tokenizer=tokenizer,
+                           method_options=options,
                            density=DensityLossConfig(weight=1.0, approx="l0", eps=args.eps), max_steps=args.steps,
                            learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                            max_train_samples=args.max_train_samples or None, max_eval_samples=args.max_eval_samples,
@@ -115,12 +127,15 @@ def main() -> None:
             cfg = replace(base, mode="deft", density=DensityLossConfig(weight=lam, approx="l0", eps=args.eps))
             deft_dir = runs / label / f"ada-deft-lam{lam:g}"
             deft = run_or_reuse(cfg, deft_dir)
-            bench = bench_inference(deft_dir, peft_dir, threshold=threshold, repeats=args.repeats,
-                                    max_samples=args.bench_samples or args.max_eval_samples,
-                                    data_dir=args.data_dir, curve=args.curve or DEFAULT_CURVE)
+            out = results / f"ada_{label}_lam{lam:g}.json"
+            if args.reuse_bench and out.exists() and json.loads(out.read_text()).get("run") == str(deft_dir):
+                bench = json.loads(out.read_text())
+            else:
+                bench = bench_inference(deft_dir, peft_dir, threshold=threshold, repeats=args.repeats,
+                                        max_samples=args.bench_samples or args.max_eval_samples,
+                                        data_dir=args.data_dir, curve=args.curve or DEFAULT_CURVE)
             bench["train"] = {"ada_peft": {k: peft[k] for k in ("metrics", "density", "alphas", "steps")},
                               "ada_deft": {k: deft[k] for k in ("metrics", "density", "alphas", "steps")}}
-            out = results / f"ada_{label}_lam{lam:g}.json"
             out.write_text(json.dumps(bench, indent=2))
             print(f"{label} λ={lam:g}: {bench['blocks_skipped']}/{bench['blocks_total']} blocks skipped, "
                   f"time saving {bench['time_saving']:.1f}%, memory saving {bench['memory_saving']:.1f}%, "
@@ -129,11 +144,11 @@ def main() -> None:
                 "blocks_skipped", "blocks_total", "time_saving", "memory_saving", "metric_delta",
                 "time_saving_vs_unskipped", "metric_delta_vs_unskipped", "threshold_curve")},
                 "metric": bench["variants"]["ada_deft_skipped"]["metric"],
-                "density": deft["density"]["overall"], "bench_file": str(out)})
+                "ada_peft_metric": bench["variants"]["ada_peft"]["metric"],
+                "density": deft["density"]["overall"], "bench_file": out.name})
         summary = {"model": label, "task": args.task, "method": args.method, "threshold": threshold,
                    "settings": vars(args), "ada_peft_alphas": peft["alphas"]["per_stack"],
-                   "ada_peft_metric": rows[0] and json.loads(Path(rows[0]["bench_file"]).read_text())
-                   ["variants"]["ada_peft"]["metric"], "lambdas": rows}
+                   "ada_peft_full_dev": peft["metrics"], "lambdas": rows}
         (results / f"ada_{label}.json").write_text(json.dumps(summary, indent=2))
 
 

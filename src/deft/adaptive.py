@@ -277,8 +277,8 @@ class AdaptiveWeights:
     α is keyed by ``site.module`` (the path of the activation in the unwrapped model).
     """
 
-    model: nn.Module
-    sites: tuple[ActivationSite, ...]
+    model: nn.Module = field(repr=False)
+    sites: tuple[ActivationSite, ...] = field(repr=False)
     config: AdaptiveConfig
     initial: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, float] = field(default_factory=dict)  # α of blocks already removed
