@@ -63,26 +63,24 @@ def main() -> None:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if deft:
-                capture.attach()
-            out = model(**batch, labels=labels)
-            loss = out.loss
-            if deft:
-                loss = loss + combine_terms(capture.pop_terms(), loss_cfg)
-                capture.detach()
+            loss = forward_loss(deft)
         loss.backward()
         opt.zero_grad(set_to_none=True)
         return sum(seen.values())
 
-    def step(deft: bool) -> float:
-        t0 = time.perf_counter()
+    def forward_loss(deft: bool) -> torch.Tensor:
+        """The task loss, plus λ·L_density with the hooks on for the DEFT side (the only difference)."""
         if deft:
             capture.attach()
-        out = model(**batch, labels=labels)
-        loss = out.loss
+        loss = model(**batch, labels=labels).loss
         if deft:
             loss = loss + combine_terms(capture.pop_terms(), loss_cfg)
             capture.detach()
+        return loss
+
+    def step(deft: bool) -> float:
+        t0 = time.perf_counter()
+        loss = forward_loss(deft)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -236,6 +236,17 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
         FileNotFoundError: the configured directory does not exist.
         NotADirectoryError: it exists but is not a directory.
     """
+    path = data_root(data_dir)
+    if path is None:
+        return None
+    return path / "glue" if (path / "glue").is_dir() else path
+
+
+def data_root(data_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The configured data directory (argument, else ``$DEFT_DATA_DIR``), checked; None → the hub.
+
+    Shared by every task kind: each then looks for its own sub-directory (``glue/``, ``squad/``).
+    """
     source = "data_dir"
     if data_dir is None or str(data_dir) == "":
         data_dir = os.environ.get(DATA_DIR_ENV) or None
@@ -247,7 +258,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
         raise FileNotFoundError(f"Data directory {str(path)!r} (from {source}) does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"Data directory {str(path)!r} (from {source}) is not a directory")
-    return path / "glue" if (path / "glue").is_dir() else path
+    return path
 
 
 def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:

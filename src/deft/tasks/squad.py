@@ -37,7 +37,7 @@ from types import MappingProxyType
 import datasets
 import numpy as np
 
-from deft.tasks.glue import DATA_DIR_ENV
+from deft.tasks.glue import DATA_DIR_ENV, data_root
 
 __all__ = [
     "FORMS",
@@ -160,20 +160,14 @@ def squad_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     Raises:
         FileNotFoundError: the configured directory does not exist or holds no SQuAD v1.1 file.
     """
-    source = "data_dir"
-    if data_dir is None or str(data_dir) == "":
-        data_dir = os.environ.get(DATA_DIR_ENV) or None
-        source = f"${DATA_DIR_ENV}"
-    if data_dir is None:
+    path = data_root(data_dir)
+    if path is None:
         return None
-    path = Path(data_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"Data directory {str(path)!r} (from {source}) does not exist or is not a directory")
     for candidate in (path / LOCAL_SUBDIR, path / "v1.1", path):
         if any((candidate / name).is_file() for name in LOCAL_FILES.values()):
             return candidate
     raise FileNotFoundError(
-        f"no SQuAD v1.1 files under {str(path)!r} (from {source}): expected {LOCAL_SUBDIR}/dev-v1.1.json "
+        f"no SQuAD v1.1 files under {str(path)!r}: expected {LOCAL_SUBDIR}/dev-v1.1.json "
         f"there; or pass no data_dir and unset ${DATA_DIR_ENV} to load {HUB_DATASET} from the hub")
 
 
