@@ -456,3 +456,17 @@ def test_qlora_trains_after_cpu_evaluation(tmp_path):
     model(**batch("SEQ_CLS")).loss.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_t5_classification_head_trains_with_lora():
+    """T5ForSequenceClassification names its head ``classification_head``; it must train (it once did not)."""
+    import transformers as T
+
+    from deft.methods import get_method
+
+    torch.manual_seed(0)
+    model = T.T5ForSequenceClassification(T.T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=2, num_heads=2,
+                                                     d_kv=16, decoder_start_token_id=0, pad_token_id=0, num_labels=2))
+    model = get_method("lora").apply(model, None, task_type="SEQ_CLS")
+    head = [n for n, p in model.named_parameters() if "classification_head" in n and p.requires_grad]
+    assert head, "T5 classification head is frozen"

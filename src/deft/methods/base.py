@@ -37,13 +37,13 @@ METADATA_FILE = "deft_method.json"
 # ``classifier`` is a small module (dense + out_proj). Only direct children of the
 # transformers model count, so no layer deep inside the network is mistaken for a head.
 TASK_HEADS: dict[str | None, tuple[str, ...]] = {
-    "SEQ_CLS": ("pre_classifier", "classifier", "score"),
+    "SEQ_CLS": ("pre_classifier", "classifier", "score", "classification_head"),
     "QUESTION_ANS": ("qa_outputs",),
     "SEQ_2_SEQ_LM": (),
     "CAUSAL_LM": (),
-    None: ("pre_classifier", "classifier", "score", "qa_outputs"),
+    None: ("pre_classifier", "classifier", "score", "classification_head", "qa_outputs"),
 }
-ALL_TASK_HEADS = ("pre_classifier", "classifier", "score", "qa_outputs")
+ALL_TASK_HEADS = ("pre_classifier", "classifier", "score", "classification_head", "qa_outputs")
 
 
 class UnsupportedCombinationError(ValueError):
