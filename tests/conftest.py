@@ -79,6 +79,16 @@ def make_inputs(family: str, batch: int = 2, length: int = 6, pad: int = 0, seed
     return inputs
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT with MiniLM's vocabulary (so its tokenizer fits) and widths bitsandbytes' CPU kernel takes."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+                add_pooling_layer=True).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not (SHARED_DATA / "glue").is_dir():

@@ -127,16 +127,6 @@ def test_density_loss_sees_scaled_activation():
     assert at_half[0] == pytest.approx(at_one[0], rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny BERT with MiniLM's vocabulary (its tokenizer fits) and widths bitsandbytes' CPU kernel takes."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    T.BertModel(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-                add_pooling_layer=True).save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("method", ["lora", "qlora", "adapter", "prefix", "prompt"])
 def test_alpha_trainable_under_every_method(method, tiny_bert_dir):
     m = get_method(method)

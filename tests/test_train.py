@@ -18,16 +18,6 @@ from deft.train import NonFiniteLossError, TrainConfig, load_run, train
 RESULT_KEYS = {"task", "model", "method", "mode", "seed", "metrics", "density", "trainable_params", "train_seconds"}
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A tiny BERT with MiniLM's vocabulary (so its tokenizer fits) and widths bitsandbytes' CPU kernel takes."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    T.BertModel(T.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-                add_pooling_layer=True).save_pretrained(path)
-    return str(path)
-
-
 def tiny_config(model_dir, shared_data, **overrides):
     base = dict(model=model_dir, tokenizer="minilm", task="sst2", method="lora", max_train_samples=16,
                 max_eval_samples=16, batch_size=8, eval_batch_size=8, max_steps=2, max_length=32,
