@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as T
 
 from deft.compare import compare, comparison_table
 from deft.loss import DensityLossConfig
