@@ -19,11 +19,24 @@ import json
 import statistics
 from pathlib import Path
 
+from deft.cli import DEFAULT_EPS, method_training_default
 from deft.compare import compare
 from deft.loss import DensityLossConfig
 from deft.train import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def trajectory(run_dir: Path, metric: str) -> list[dict]:
+    """Metric and densities (%) at every evaluation of a finished run, from its ``history.json``."""
+    seen, points = set(), []
+    for entry in json.loads((run_dir / "history.json").read_text()):
+        if f"eval_{metric}" not in entry or entry["step"] in seen:  # the final evaluation repeats the last one
+            continue
+        seen.add(entry["step"])
+        points.append({"step": entry["step"], "metric": 100 * entry[f"eval_{metric}"],
+                       "density": 100 * entry["eval_density"], "density_threshold": 100 * entry["eval_density_threshold"]})
+    return points
 
 
 def main() -> None:
@@ -36,10 +49,11 @@ def main() -> None:
     ap.add_argument("--max-eval-samples", type=int, default=None)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: the CLI's per-method default (adapter 1e-2, else 1e-3)")
     ap.add_argument("--lambda", dest="lam", type=float, default=1.0)
-    ap.add_argument("--eps", type=float, default=1e-2)
-    ap.add_argument("--lambda-warmup", type=float, default=0.0)
+    ap.add_argument("--eps", type=float, default=DEFAULT_EPS)
+    ap.add_argument("--lambda-warmup", type=float, default=None, help="default: the CLI's per-method default (adapter 0.5, else 0)")
+    ap.add_argument("--evals-per-epoch", type=int, default=4, help="density and metric against the step (history.json)")
     ap.add_argument("--lora-options", default='{"include_mlp": true}')
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--runs-dir", default="runs/glue_table")
@@ -53,11 +67,15 @@ def main() -> None:
                 task=task, method=method, model=args.model,
                 method_options=json.loads(args.lora_options) if method in ("lora", "qlora") else {},
                 density=DensityLossConfig(weight=args.lam, approx="l0", eps=args.eps),
-                epochs=args.epochs, learning_rate=args.lr, max_length=args.max_length,
-                max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-                lambda_warmup=args.lambda_warmup, data_dir=args.data_dir)
-            payload = compare(config, args.seeds, Path(args.runs_dir) / f"{method}-{task}", progress=False)
+                epochs=args.epochs, learning_rate=method_training_default(method, "learning_rate", args.lr),
+                max_length=args.max_length, max_train_samples=args.max_train_samples,
+                max_eval_samples=args.max_eval_samples, evals_per_epoch=args.evals_per_epoch,
+                lambda_warmup=method_training_default(method, "lambda_warmup", args.lambda_warmup),
+                data_dir=args.data_dir)
+            out = Path(args.runs_dir) / f"{method}-{task}"
+            payload = compare(config, args.seeds, out, progress=False)
             s = payload["summary"]
+            main_metric = payload["runs"]["peft"][0]["main_metric"]
             row = {
                 "task": task, "method": method, "metric": s["peft"]["metric_name"],
                 "peft_metric": s["peft"]["metric"]["mean"], "deft_metric": s["deft"]["metric"]["mean"],
@@ -69,6 +87,8 @@ def main() -> None:
                 "density_change_threshold": s["density_change"]["density_threshold"],
                 "density_change_union": s["density_change"]["union_density"],
                 "steps": payload["runs"]["deft"][0]["steps"],
+                "learning_rate": config.learning_rate, "lambda_warmup": config.lambda_warmup,
+                "trajectory": {m: trajectory(out / f"{m}-seed{args.seeds[0]}", main_metric) for m in ("peft", "deft")},
                 "train_seconds": {m: statistics.fmean(r["train_seconds"] for r in payload["runs"][m])
                                   for m in ("peft", "deft")},
             }
@@ -98,6 +118,12 @@ def main() -> None:
     for method, a in averages.items():
         lines.append(f"| {method} | **avg** | | {a['peft_metric']:.2f} | {a['deft_metric']:.2f} | "
                      f"{a['metric_delta']:+.2f} | | {a['density_change']:.2f} | | {a['density_change_threshold']:.2f} |")
+    lines += ["", f"Against the training step (seed {args.seeds[0]}; metric / |a|>0.01 density, %):", "",
+              "| method | task | step | PEFT | DEFT |", "|---|---|---|---|---|"]
+    for r in rows:
+        for p, d in zip(r["trajectory"]["peft"], r["trajectory"]["deft"]):
+            lines.append(f"| {r['method']} | {r['task']} | {d['step']} | {p['metric']:.2f} / {p['density_threshold']:.2f} | "
+                         f"{d['metric']:.2f} / {d['density_threshold']:.2f} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

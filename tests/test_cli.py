@@ -63,3 +63,17 @@ def test_bad_input_gives_clear_error(argv, needle, capsys, shared_data):
 def test_missing_data_dir_is_clear(capsys):
     assert main(["density", "--task", "sst2", "--data-dir", "/no/such/data"]) == 2
     assert "/no/such/data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, lr, warmup", [
+    (["--method", "lora"], 1e-3, 0.0),
+    (["--method", "adapter"], 1e-2, 0.5),  # adapter stays at the majority class at 1e-3 in a short run
+    (["--method", "adapter", "--lr", "3e-4", "--lambda-warmup", "0"], 3e-4, 0.0),
+    (["--method", "prefix", "--lambda-warmup", "0.2"], 1e-3, 0.2),
+])
+def test_train_defaults_per_method(argv, lr, warmup):
+    from deft.cli import _train_config, build_parser
+
+    config = _train_config(build_parser().parse_args(["train", *argv, "--output", "x"]))
+    assert config.learning_rate == lr
+    assert config.lambda_warmup == warmup

@@ -388,3 +388,49 @@ def test_gemma_alias_uses_the_converted_cache(tmp_path, monkeypatch):
     (done / gguf_models.PROVENANCE_FILE).write_text("{}")
     monkeypatch.setattr(gguf_models, "gguf_to_safetensors", lambda *a, **k: pytest.fail("converted again"))
     assert resolve_model_path("gemma3-270m") == str(done)
+
+
+def test_torchrun_squad_evaluation_is_sharded_and_gathered(tiny_dirs, squad_data, tmp_path):
+    """2 CPU processes: each answers every other question; answers and density counts are
+    gathered, so the saved F1 and density equal a single-process re-evaluation of the run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "dist_squad.py"
+    script.write_text(
+        "from deft.loss import DensityLossConfig\n"
+        "from deft.train import TrainConfig, train\n"
+        f"cfg = TrainConfig(model={tiny_dirs['bert']!r}, tokenizer='minilm', task='squad', method='lora', "
+        f"max_train_samples=8, max_eval_samples=5, batch_size=2, eval_batch_size=2, max_steps=1, max_length=64, "
+        f"data_dir={str(squad_data)!r})\n"
+        f"r = train(cfg, {str(tmp_path / 'run')!r}, progress=False)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29534", str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["eval_questions"] == 5
+    from deft.cli import main
+
+    assert main(["eval", "--run", str(tmp_path / "run"), "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [r["tokens"] for r in saved["density"]["per_layer"]] == [r["tokens"] for r in again["density"]["per_layer"]]
+    assert saved["density"]["encoder"] == pytest.approx(again["density"]["encoder"])
+    assert saved["metrics"] == pytest.approx(again["metrics"])
+
+
+def test_gather_strided_restores_question_order(monkeypatch):
+    import torch.distributed as dist
+
+    from deft.qa import _gather_strided
+
+    answers = [f"a{i}" for i in range(7)]
+    world = 3
+
+    def fake_all_gather_object(out, mine):  # every rank's shard, as torch.distributed delivers them
+        out[:] = [answers[r::world] for r in range(world)]
+
+    monkeypatch.setattr(dist, "all_gather_object", fake_all_gather_object)
+    assert _gather_strided(answers[1::world], world, len(answers)) == answers

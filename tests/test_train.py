@@ -153,3 +153,12 @@ def test_torchrun_two_processes_gloo(tiny_bert_dir, shared_data, tmp_path):
                            "29533", str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("WORLD 2 STEPS 2") == 2
+    # Each rank evaluated half the dev subset; the saved density must cover all of it, as a
+    # single-process re-measurement of the same run does (it counted one shard before the fix).
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    from deft.cli import main
+
+    assert main(["eval", "--run", str(tmp_path / "run"), "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [r["tokens"] for r in saved["density"]["per_layer"]] == [r["tokens"] for r in again["density"]["per_layer"]]
+    assert saved["density"]["overall"] == pytest.approx(again["density"]["overall"])

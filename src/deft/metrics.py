@@ -17,7 +17,7 @@ numbers are means over that stack's layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -92,6 +92,24 @@ class DensityMeter:
         c = self.counts[index]
         c.union_active += int(active[live].sum())
         c.union_total += int(live.sum()) * active.shape[-1]
+
+    def sync_processes(self) -> None:
+        """Sum the counts over the processes of a ``torch.distributed`` run, where each rank
+        measured its own shard of the evaluation data; a no-op in a single process.
+
+        Every rank must call it (it is a collective). Written here because the counts are ours:
+        accelerate's ``gather`` concatenates tensors, while these need an integer sum.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        self.end_sequences()
+        names = [f.name for f in fields(SiteCounts)]
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        totals = torch.tensor([[getattr(c, n) for n in names] for c in self.counts], dtype=torch.int64, device=device)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        self.counts = [SiteCounts(**dict(zip(names, map(int, row)))) for row in totals.tolist()]
 
     def reset(self) -> None:
         self.counts = [SiteCounts() for _ in self.sites]

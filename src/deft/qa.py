@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import ActivationCapture
-from .metrics import DensityMeter, DensityReport
+from .metrics import DensityMeter
 from .sites import find_sites
 from .tasks.squad import default_splits, load_squad, split_note, squad_metrics
 from .train import RUNNERS, TaskEvaluation, TaskRunner
@@ -198,6 +198,26 @@ class Window:
     """Whether the window contains the first gold answer entirely."""
 
 
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_strided(mine: list, world: int, total: int) -> list:
+    """Reassemble a list sharded as ``items[rank::world]`` from every rank (a collective)."""
+    import torch.distributed as dist
+
+    shards: list[list] = [[] for _ in range(world)]
+    dist.all_gather_object(shards, mine)
+    full = [None] * total
+    for rank, shard in enumerate(shards):
+        full[rank::world] = shard
+    return full
+
+
 # -- the runners ----------------------------------------------------------------------------------
 class SquadRunner(TaskRunner):
     """Common part of the three SQuAD forms: splits, the evaluation loop's bookkeeping, results.
@@ -237,21 +257,28 @@ class SquadRunner(TaskRunner):
 
     # -- evaluation ------------------------------------------------------------------------
     def predict(self, model: nn.Module, tokenizer, examples, *, batch_size: int, threshold: float,
-                progress: bool = True) -> tuple[list[str], DensityReport]:
-        """One answer per question of ``examples``, and the density over the whole pass."""
+                progress: bool = True) -> tuple[list[str], DensityMeter]:
+        """One answer per question of ``examples``, and the density meter of the whole pass."""
         raise NotImplementedError
 
     def _run_predict(self, model, tokenizer, examples, batch_size, threshold, progress) -> TaskEvaluation:
+        # Under torchrun every rank answers every world-th question; answers and density counts
+        # are then gathered, so each question is answered (and measured) once.
+        rank, world = _rank_and_world()
+        mine = examples.select(range(rank, len(examples), world)) if world > 1 else examples
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                answers, report = self.predict(model, tokenizer, examples, batch_size=batch_size,
-                                               threshold=threshold, progress=progress)
+                answers, meter = self.predict(model, tokenizer, mine, batch_size=batch_size,
+                                              threshold=threshold, progress=progress and rank == 0)
         finally:
             model.train(was_training)
+        meter.sync_processes()
+        if world > 1:
+            answers = _gather_strided(answers, world, len(examples))
         metrics = squad_metrics(answers, [a["text"] for a in examples["answers"]])
-        return TaskEvaluation(metrics=metrics, density=report.to_dict(), split="", samples=len(examples),
+        return TaskEvaluation(metrics=metrics, density=meter.result().to_dict(), split="", samples=len(examples),
                               extra={"form": self.form})
 
     def final_metrics(self, trainer, eval_set) -> dict:
@@ -269,8 +296,8 @@ class SquadRunner(TaskRunner):
         c = self.config
         data_dir = data_dir or c.data_dir
         split = self.task.resolve_split(split) if split else default_splits(data_dir)[1]
-        examples = load_squad(split, data_dir, max_samples=max_samples if max_samples else c.max_eval_samples,
-                              seed=c.seed)
+        max_samples = c.max_eval_samples if max_samples is None else max_samples  # 0 = all
+        examples = load_squad(split, data_dir, max_samples=max_samples or None, seed=c.seed)
         out = self._run_predict(model, tokenizer, examples, batch_size or c.eval_batch_size,
                                 c.threshold if threshold is None else threshold, progress)
         out.split = split
@@ -352,7 +379,7 @@ class ExtractiveRunner(SquadRunner):
                     span = best_span(start_logits[j], end_logits[j], offsets[f])
                     if span is not None and (ex not in best or span[0] > best[ex][0]):
                         best[ex] = (span[0], contexts[ex][span[1]:span[2]])
-        return [best.get(i, (0.0, ""))[1] for i in range(len(examples))], meter.result()
+        return [best.get(i, (0.0, ""))[1] for i in range(len(examples))], meter
 
 
 def best_span(start_logits: np.ndarray, end_logits: np.ndarray, offsets: list, n_best: int = N_BEST,
@@ -493,7 +520,7 @@ class GeneratingRunner(SquadRunner):
                 for w, score, text in zip(chunk, scores, texts):
                     if w.example not in best or score > best[w.example][0]:
                         best[w.example] = (score, text.strip())
-        return [best.get(i, (0.0, ""))[1] for i in range(len(examples))], meter.result()
+        return [best.get(i, (0.0, ""))[1] for i in range(len(examples))], meter
 
 
 class Seq2SeqRunner(GeneratingRunner):

@@ -166,6 +166,9 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
             with measuring:
                 output = super().evaluation_loop(*args, **kwargs)
             prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            # Under torchrun each rank saw its shard of the evaluation set: sum the counts, so the
+            # density is over the whole set (as the gathered metric is).
+            meter.sync_processes()
             report = meter.result().to_dict()
             output.metrics[f"{prefix}_density"] = report["overall"]
             output.metrics[f"{prefix}_density_threshold"] = report["threshold"]["overall"]
