@@ -231,3 +231,20 @@ def test_magnitude_baseline():
     w = model.transformer.h[0].attn.c_attn.weight  # (16, 48): 8 of 16 inputs pruned per output
     assert ((w == 0).sum(dim=0) == 8).all()
     assert (model.lm_head.weight != 0).all() or model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_all_linear_with_bottleneck_adapters_prunes_base_weights_not_adapters():
+    from deft.methods import get_method
+
+    model = get_method("adapter").apply(_bert(), None, "SEQ_CLS")
+    targets = target_modules(model, "all_linear")
+    downs = {f"bert.encoder.layer.{i}.output.dense" for i in range(2)}
+    assert downs <= set(targets)  # the frozen down projections, through their adapter wrapper
+    assert not any("adapter_" in n or n.endswith("base_layer") for n in targets), sorted(targets)
+    adapter = model.bert.encoder.layer[0].output.dense
+    nn.init.normal_(adapter.adapter_up.weight)  # trained-looking adapter: no zero rows to start from
+    before_up = adapter.adapter_up.weight.detach().clone()
+    result = wanda_prune(model, _batches(), PruneConfig(sparsity=0.5, targets="all_linear"))
+    assert set(result) == set(targets) and all(v == pytest.approx(0.5) for v in result.values())
+    assert (adapter.base_layer.weight == 0).float().mean() == pytest.approx(0.5)
+    assert torch.equal(adapter.adapter_up.weight, before_up)

@@ -146,9 +146,17 @@ def target_modules(model: nn.Module, targets: str = "mlp_first") -> dict[str, nn
     backbone = getattr(base, prefix, None) if prefix else None
     keep_under = f"{prefix}." if isinstance(backbone, nn.Module) and backbone is not base else None
     out_emb = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    from .methods.adapter import BottleneckAdapter
+
+    # A bottleneck adapter wraps the frozen down projection: that base layer is pruned through
+    # the wrapper (as for peft wrappers), while the adapter's own bottleneck layers are trained
+    # PEFT modules, not base weights, and are left alone.
+    adapters = {name for name, mod in modules.items() if isinstance(mod, BottleneckAdapter)}
     found = {}
     for name, mod in modules.items():
-        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)) or mod is out_emb:
+        if name.rpartition(".")[0] in adapters:
+            continue
+        if not (isinstance(mod, (nn.Linear, BottleneckAdapter)) or is_conv1d(mod)) or mod is out_emb:
             continue
         if re.search(r"(^|\.)(base_layer|lora_[AB]|lora_embedding_[AB])(\.|$)", name):
             continue  # inside an unmerged peft wrapper: the wrapper's base layer is pruned via the wrapper
