@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--max-eval-samples", type=int, default=None)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None, help="default: the CLI's per-method default (adapter 1e-2, else 1e-3)")
+    ap.add_argument("--lr", type=float, default=None, help="default: the CLI's per-method default (lora 5e-3, adapter 1e-2)")
     ap.add_argument("--lambda", dest="lam", type=float, default=1.0)
     ap.add_argument("--eps", type=float, default=DEFAULT_EPS)
     ap.add_argument("--lambda-warmup", type=float, default=None, help="default: the CLI's per-method default (adapter 0.5, else 0)")

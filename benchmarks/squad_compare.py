@@ -58,7 +58,7 @@ class Profile:
 
 PROFILES = {
     "minilm": Profile(model="minilm", output="squad_minilm.json", max_train_samples=2000, max_eval_samples=500,
-                      max_length=384, batch_size=16, eval_batch_size=64, lr=1e-3,
+                      max_length=384, batch_size=16, eval_batch_size=64, lr=5e-3,
                       lora_options={"include_mlp": True}),
     "gemma": Profile(model="gemma3-270m", output="squad_gemma3_270m.json", max_train_samples=200,
                      max_eval_samples=50, max_length=256, batch_size=8, eval_batch_size=16, lr=2e-4,

@@ -66,7 +66,8 @@ def test_missing_data_dir_is_clear(capsys):
 
 
 @pytest.mark.parametrize("argv, lr, warmup", [
-    (["--method", "lora"], 1e-3, 0.0),
+    (["--method", "lora"], 5e-3, 0.0),
+    (["--method", "prompt"], 1e-3, 0.0),
     (["--method", "adapter"], 1e-2, 0.5),  # adapter stays at the majority class at 1e-3 in a short run
     (["--method", "adapter", "--lr", "3e-4", "--lambda-warmup", "0"], 3e-4, 0.0),
     (["--method", "prefix", "--lambda-warmup", "0.2"], 1e-3, 0.2),
