@@ -376,6 +376,27 @@ def test_default_prompt_lengths_apply():
     assert out.logits.shape == (2, 2)
 
 
+@pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
+def test_prefix_reaches_attention(model_name):
+    """The prefix must enter attention through the cache, not be dropped on the way.
+
+    transformers 5.24 renamed the backbone's ``past_key_values`` argument, after which peft 0.21
+    refuses prefix tuning: pyproject pins the release this test passes on.
+    """
+    task_type = MODELS[model_name][2]
+    model = build(model_name)
+    inputs = {k: v for k, v in batch(task_type).items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    prefixed = get_method("prefix").apply(model, SMALL["prefix"], task_type)
+    with torch.no_grad():
+        for p in prefixed.prompt_encoder.parameters():
+            p.normal_(std=3.0)
+        after = prefixed(**inputs, output_hidden_states=True).hidden_states[-1]
+    assert after.shape == before.shape
+    assert (after - before).abs().max() > 0.1
+
+
 def test_unsupported_combinations():
     distil = FAMILIES["distilbert"]()
     with pytest.raises(UnsupportedCombinationError, match="past_key_values"):

@@ -326,7 +326,7 @@ class AdaptiveWeights:
     def below(self, threshold: float) -> list[ActivationSite]:
         """Live (not yet skipped) sites with |α| < threshold."""
         modules = self.modules()
-        return [s for s in self.sites if s.module in modules and abs(float(modules[s.module].alpha)) < threshold]
+        return [s for s in self.sites if s.module in modules and abs(float(modules[s.module].alpha.detach())) < threshold]
 
     def report(self) -> dict:
         """JSON-ready α: per site, and per stack as lists in layer order (the paper's Fig. 3)."""
