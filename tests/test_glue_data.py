@@ -269,6 +269,24 @@ def test_hub_single_sentence_and_regression(monkeypatch: pytest.MonkeyPatch) -> 
     assert stsb[0]["text_b"] == "b" and stsb[0]["label"] == pytest.approx(3.8)
 
 
+def test_unreachable_hub_says_how_to_run_offline(monkeypatch: pytest.MonkeyPatch, tiny_bert_dir, capsys) -> None:
+    from deft.cli import main
+    from deft.tasks.hub import DataNotAvailableError
+    from deft.tasks.squad import load_squad
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataNotAvailableError, match=r"--data-dir or \$DEFT_DATA_DIR.*tsv layout"):
+        load_glue("sst2", "dev")
+    with pytest.raises(DataNotAvailableError, match=r"squad/v1\.1/dev-v1\.1\.json"):
+        load_squad("dev")
+    # The command ends with that message and exit status 2, not a traceback.
+    assert main(["density", "--model", tiny_bert_dir, "--tokenizer", "minilm", "--task", "sst2"]) == 2
+    assert "cannot load 'nyu-mll/glue' from the Hugging Face hub" in capsys.readouterr().err
+
+
 # --- metrics ------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -336,11 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that end a command with a one-line message instead of a traceback.
+
+    Evaluated only when an exception propagates, so `deft --help` does not import torch.
+    """
+    from .tasks.hub import DataNotAvailableError
+    from .train import NonFiniteLossError
+
+    return (ModelNotAvailableError, DataNotAvailableError, NonFiniteLossError, ValueError, FileNotFoundError, KeyError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes (imported by peft) warns at import on every CPU machine that its optional hub-fetched
+    # `kernels` package is absent; it then uses its built-in CPU path, which is what QLoRA runs on here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ModelNotAvailableError, ValueError, FileNotFoundError, KeyError) as err:
+    except _user_errors() as err:
         print(f"deft {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from deft.tasks.hub import DATA_DIR_ENV, load_hub_dataset
+
 __all__ = [
     "DATA_DIR_ENV",
     "GLUE_TASKS",
@@ -35,7 +37,6 @@ __all__ = [
     "resolve_data_dir",
 ]
 
-DATA_DIR_ENV = "DEFT_DATA_DIR"
 """Environment variable naming a local data directory (used when no ``data_dir`` is passed)."""
 
 HUB_DATASET = "nyu-mll/glue"
@@ -358,7 +359,8 @@ def _features(spec: GlueTask) -> datasets.Features:
 
 def _from_hub(spec: GlueTask, split: str) -> datasets.Dataset:
     """Download a split from ``nyu-mll/glue`` and map it to the common schema."""
-    ds = datasets.load_dataset(HUB_DATASET, spec.hub_config, split=spec.hub_split(split))
+    ds = load_hub_dataset(HUB_DATASET, spec.hub_config, split=spec.hub_split(split),
+                          local_layout="a directory in GLUE's tsv layout (<dir>/glue/SST-2/train.tsv, ...)")
     targets = ("text_a", "text_b")[: len(spec.hub_text_columns)]
     ds = ds.select_columns([*spec.hub_text_columns, "label", "idx"])
     ds = ds.rename_columns(dict(zip(spec.hub_text_columns, targets)))

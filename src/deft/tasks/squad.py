@@ -38,6 +38,7 @@ import datasets
 import numpy as np
 
 from deft.tasks.glue import DATA_DIR_ENV, data_root
+from deft.tasks.hub import load_hub_dataset
 
 __all__ = [
     "FORMS",
@@ -205,7 +206,8 @@ def article_split(titles: Iterable[str], eval_share: float = OFFLINE_EVAL_SHARE,
 
 def _from_hub(split: str) -> datasets.Dataset:
     hub_split = "validation" if split in ("dev", "offline_train", "offline_eval") else "train"
-    ds = datasets.load_dataset(HUB_DATASET, split=hub_split)
+    ds = load_hub_dataset(HUB_DATASET, split=hub_split,
+                          local_layout="a directory holding squad/v1.1/dev-v1.1.json (and train-v1.1.json)")
     return ds.select_columns(["id", "title", "context", "question", "answers"])
 
 
