@@ -339,9 +339,18 @@ def test_train_ada_run_save_restore_and_cli(method, tiny_bert_dir, shared_data, 
     assert main(["load", "--dir", str(tmp_path / "exp")]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == [first]
     out = tmp_path / "ada_bench.json"
+    peak_args = [] if method == "lora" else ["--no-peak-memory"]  # fresh processes: measured once
     assert main(["bench-inference", "--run", str(run), "--baseline", str(run), "--repeats", "1",
-                 "--max-samples", "16", "--curve", "0", "0.5", "--out", str(out)]) == 0
+                 "--max-samples", "16", "--curve", "0", "0.5", "--out", str(out), *peak_args]) == 0
     bench = json.loads(out.read_text())
+    if method == "lora":
+        for name, variant in bench["variants"].items():
+            # the export loaded in a fresh process holds exactly the weights of the in-process variant
+            assert variant["peak_memory"]["param_bytes"] == variant["param_bytes"], name
+            assert variant["peak_memory"]["peak_bytes"] > 0
+        assert isinstance(bench["peak_memory_saving"], float)
+    else:
+        assert "peak_memory" not in bench["variants"]["ada_deft_skipped"]
     assert bench["blocks_skipped"] == 1 and bench["variants"]["ada_peft"]["blocks_skipped"] == 1
     assert {"time_saving", "memory_saving", "metric_delta"} <= set(bench)
     assert bench["memory_saving_vs_unskipped"] > 0 and len(bench["threshold_curve"]) == 2

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -833,6 +834,52 @@ def timed_pass(model: nn.Module, batches: Sequence[dict]) -> tuple[float, torch.
     return time.perf_counter() - start, torch.cat(logits)
 
 
+# Run in a fresh interpreter by `peak_memory_of_export`. Linux's peak-RSS counter (VmHWM) is reset
+# after the imports (writing 5 to /proc/self/clear_refs), so the peak is the export's own load +
+# inference, not the imports' transient allocations.
+_PEAK_MEMORY_CHILD = """
+import json, re, sys, time
+import torch
+from deft.adaptive import load_exported, model_bytes, timed_pass
+
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+torch.set_num_threads(int(sys.argv[3]))
+batches = torch.load(sys.argv[2])
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = kib("VmRSS")
+start = time.perf_counter()
+model = load_exported(sys.argv[1])
+loaded = time.perf_counter() - start
+load_peak = kib("VmHWM")
+timed_pass(model, batches)
+print(json.dumps({"load_seconds": loaded, "load_peak_bytes": 1024 * (load_peak - base),
+                  "peak_bytes": 1024 * (kib("VmHWM") - base), "param_bytes": model_bytes(model)}))
+"""
+
+
+def peak_memory_of_export(export_dir: str | Path, batches_file: str | Path, threads: int | None = None) -> dict:
+    """Peak memory of loading an export (:func:`load_exported`) and running one pass over the saved batches.
+
+    Measured in a fresh Python process, as a deployment would see it: ``peak_bytes`` is the peak
+    resident set during load + pass minus the resident set before loading (weights, the loading's
+    transient copies, activations); skipped blocks are never allocated there. Needs Linux's /proc.
+    """
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        raise AdaptiveError("peak-memory measurement needs Linux /proc (VmHWM reset); pass --no-peak-memory")
+    cmd = [sys.executable, "-c", _PEAK_MEMORY_CHILD, str(export_dir), str(batches_file),
+           str(threads or torch.get_num_threads())]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory process for {export_dir} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _pct_saving(baseline: float, value: float) -> float | None:
     return (baseline - value) / baseline * 100.0 if baseline else None
 
@@ -843,7 +890,8 @@ DEFAULT_CURVE = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 def bench_inference(run_dir: str | Path, baseline_dir: str | Path | None = None, *,
                     threshold: float = DEFAULT_SKIP_THRESHOLD, repeats: int = 5, batch_size: int = 64,
                     max_samples: int | None = None, data_dir: str | None = None,
-                    curve: Sequence[float] | None = DEFAULT_CURVE, progress: bool = True) -> dict:
+                    curve: Sequence[float] | None = DEFAULT_CURVE, progress: bool = True,
+                    peak_memory: bool = True) -> dict:
     """ADA-DEFT skipped vs the same model unskipped vs an ADA-PEFT run, side by side in one process.
 
     Every variant is put in its inference form (:func:`prepare_for_inference`: LoRA merged, α
@@ -852,7 +900,9 @@ def bench_inference(run_dir: str | Path, baseline_dir: str | Path | None = None,
     median of ``repeats`` passes is reported (after one warm-up pass each). Memory is the
     resident bytes of parameters and buffers. The ADA-PEFT baseline goes through the same
     threshold (it normally skips nothing). ``curve``: thresholds for :func:`threshold_curve`
-    on the ADA-DEFT run (None: no curve).
+    on the ADA-DEFT run (None: no curve). ``peak_memory``: also export every variant and measure
+    its load + one pass in a fresh process (:func:`peak_memory_of_export`); not for QLoRA, whose
+    export is refused.
     """
     from .evaluation import make_loader, tokenize_glue
     from .tasks import compute_glue_metrics, get_task, load_glue, predictions_from_logits
@@ -933,7 +983,25 @@ def bench_inference(run_dir: str | Path, baseline_dir: str | Path | None = None,
         payload["metric_delta"] = skipped["metric"] - reference["metric"]
     else:
         payload["time_saving"] = payload["memory_saving"] = payload["metric_delta"] = None
-    payload["memory_note"] = ("param_bytes = parameters + buffers resident after loading; activation peaks are "
-                              "not measured (no sound per-model allocator statistic on CPU)")
+    payload["memory_note"] = "param_bytes = parameters + buffers resident after loading"
+    if peak_memory and config.method != "qlora":
+        sources = {"ada_deft_unskipped": (run_dir, None), "ada_deft_skipped": (run_dir, threshold)}
+        if baseline_dir is not None:
+            sources["ada_peft"] = (baseline_dir, threshold)
+        with tempfile.TemporaryDirectory(prefix="deft-peak-") as tmp:
+            batches_file = Path(tmp) / "batches.pt"
+            torch.save([dict(b) for b in batches], batches_file)  # plain dicts: the child loads weights_only
+            for name, (source, skip) in sources.items():
+                export_run(source, Path(tmp) / name, skip)
+                results[name]["peak_memory"] = peak_memory_of_export(Path(tmp) / name, batches_file)
+                if progress:
+                    print(f"peak memory {name}: {results[name]['peak_memory']['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+        peak = {n: results[n]["peak_memory"]["peak_bytes"] for n in sources}
+        payload["peak_memory_saving_vs_unskipped"] = _pct_saving(peak["ada_deft_unskipped"], peak["ada_deft_skipped"])
+        payload["peak_memory_saving"] = _pct_saving(peak["ada_peft"], peak["ada_deft_skipped"]) \
+            if "ada_peft" in peak else None
+        payload["memory_note"] += ("; peak_memory = a fresh process loading the exported model (`deft export`, "
+                                   "skipped blocks never allocated) and running one pass over the same batches: "
+                                   "its peak resident set minus its resident set before loading")
     return payload
 

@@ -46,11 +46,13 @@ def cmd_bench_inference(args) -> int:
 
     payload = bench_inference(args.run, args.baseline, threshold=args.skip_threshold, repeats=args.repeats,
                               batch_size=args.batch_size, max_samples=args.max_samples, data_dir=args.data_dir,
-                              curve=args.curve or None)
-    rows = [(name, f"{v['median_seconds']:.3f}", f"{v['param_bytes'] / 2**20:.1f}", v["blocks_skipped"],
+                              curve=args.curve or None, peak_memory=args.peak_memory)
+    peak = lambda v: f"{v['peak_memory']['peak_bytes'] / 2**20:.1f}" if "peak_memory" in v else "-"  # noqa: E731
+    rows = [(name, f"{v['median_seconds']:.3f}", f"{v['param_bytes'] / 2**20:.1f}", peak(v), v["blocks_skipped"],
              f"{v['metric']:.2f}") for name, v in payload["variants"].items()]
-    print(format_table(["variant", "median s", "param MiB", "blocks skipped", payload["metric_name"]], rows))
-    for key in ("time_saving", "memory_saving", "metric_delta"):
+    print(format_table(["variant", "median s", "param MiB", "peak MiB", "blocks skipped", payload["metric_name"]],
+                       rows))
+    for key in ("time_saving", "memory_saving", "peak_memory_saving", "metric_delta"):
         value = payload.get(key)
         print(f"{key}: {'n/a (no --baseline)' if value is None else f'{value:.2f}'}")
     out = Path(args.out or f"benchmarks/results/ada_{Path(args.run).name}.json")
@@ -85,5 +87,7 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--curve", type=float, nargs="*", default=list(DEFAULT_CURVE),
                    help="thresholds of the metric-vs-threshold curve (none: skip the curve)")
+    p.add_argument("--no-peak-memory", dest="peak_memory", action="store_false",
+                   help="skip the peak-memory measurement (each variant exported and loaded in a fresh process)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/ada_<run name>.json)")
     p.set_defaults(func=cmd_bench_inference)
