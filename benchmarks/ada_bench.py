@@ -51,10 +51,10 @@ def run_or_reuse(config, run_dir: Path) -> dict:
     from deft.train import train
 
     done = run_dir / "results.json"
-    if done.exists() and json.loads(done.read_text()).get("config") == json.loads(json.dumps(config.to_dict())):
+    if done.exists() and config.same_run(json.loads(done.read_text())["config"]):
         return json.loads(done.read_text())
     saved = run_dir / "run_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(config.to_dict())):
+    if saved.exists() and not config.same_run(json.loads(saved.read_text())):
         print(f"== {run_dir} holds a run with other settings: starting it again", flush=True)
         shutil.rmtree(run_dir)  # a scratch run of this benchmark (under --runs-dir), not user data
     print(f"== training {config.mode.upper()} (ADA) λ={config.density.weight:g} -> {run_dir}", flush=True)

@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--lambda", dest="lam", type=float, default=1.0)
     ap.add_argument("--eps", type=float, default=1e-2)
+    ap.add_argument("--lambda-warmup", type=float, default=0.0, help="ramp λ from 0 over this share of the steps")
     ap.add_argument("--lora-options", default=None, metavar="JSON")
     ap.add_argument("--data-dir", default=None, help="default: $DEFT_DATA_DIR, else the hub")
     ap.add_argument("--runs-dir", default=None, help="default: runs/squad_<profile>")
@@ -115,7 +116,7 @@ def main() -> None:
     config = TrainConfig(
         task="squad", method="lora", model=pick(args.model, p.model), tokenizer=args.tokenizer,
         method_options=json.loads(args.lora_options) if args.lora_options else dict(p.lora_options),
-        density=DensityLossConfig(weight=args.lam, approx="l0", eps=args.eps),
+        density=DensityLossConfig(weight=args.lam, approx="l0", eps=args.eps), lambda_warmup=args.lambda_warmup,
         epochs=pick(args.epochs, p.epochs), max_steps=args.max_steps, learning_rate=pick(args.lr, p.lr),
         batch_size=pick(args.batch_size, p.batch_size), eval_batch_size=pick(args.eval_batch_size, p.eval_batch_size),
         max_length=pick(args.max_length, p.max_length),

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,23 @@ def test_compare_writes_table_json_and_plot(tiny_bert_dir, shared_data, tmp_path
     mtime = (tmp_path / "cmp" / "peft-seed0" / "results.json").stat().st_mtime
     compare(cfg, [0, 1], tmp_path / "cmp", progress=False)
     assert (tmp_path / "cmp" / "peft-seed0" / "results.json").stat().st_mtime == mtime
+    # another λ / ε / warm-up trains a new DEFT run but reuses the PEFT run, which they do not shape
+    shutil.copytree(tmp_path / "cmp" / "peft-seed0", tmp_path / "cmp2" / "peft-seed0")
+    other = replace(cfg, density=DensityLossConfig(weight=1.0, eps=0.1), lambda_warmup=0.5)
+    again = compare(other, [0], tmp_path / "cmp2", progress=False)
+    assert (tmp_path / "cmp2" / "peft-seed0" / "results.json").stat().st_mtime == mtime
+    assert again["runs"]["deft"][0]["config"]["lambda_warmup"] == 0.5
+
+
+def test_run_identity_ignores_density_settings_only_for_peft():
+    peft = TrainConfig(mode="peft", density=DensityLossConfig(weight=1.0, eps=1e-2))
+    assert peft.same_run(replace(peft, density=DensityLossConfig(weight=3.0, eps=0.1), lambda_warmup=0.5).to_dict())
+    assert not peft.same_run(replace(peft, learning_rate=5e-3).to_dict())
+    assert not peft.same_run(replace(peft, mode="deft").to_dict())
+    deft = replace(peft, mode="deft")
+    assert not deft.same_run(replace(deft, density=DensityLossConfig(weight=3.0, eps=1e-2)).to_dict())
+    assert not deft.same_run(replace(deft, lambda_warmup=0.5).to_dict())
+    assert deft.same_run(json.loads(json.dumps(deft.to_dict())))
 
 
 def test_torchrun_two_processes_gloo(tiny_bert_dir, shared_data, tmp_path):

@@ -51,7 +51,7 @@ def compare(config: TrainConfig, seeds: list[int], output_dir: str | Path, *, pr
             run_dir = out / f"{mode}-seed{seed}"
             done = run_dir / "results.json"
             run_config = replace(config, mode=mode, seed=seed)
-            if done.exists() and json.loads(done.read_text()).get("config") == json.loads(json.dumps(run_config.to_dict())):
+            if done.exists() and run_config.same_run(json.loads(done.read_text())["config"]):
                 results[mode].append(json.loads(done.read_text()))
                 continue
             print(f"== {mode.upper()} seed {seed} -> {run_dir}")

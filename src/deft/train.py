@@ -100,6 +100,19 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def run_identity(self) -> dict:
+        """The settings that shape the trained model. A PEFT run ignores the density-loss settings
+        (λ, approximation, warm-up), so PEFT runs that differ only there are the same run."""
+        data = json.loads(json.dumps(self.to_dict()))
+        if self.mode == "peft":
+            data.pop("density")
+            data.pop("lambda_warmup")
+        return data
+
+    def same_run(self, saved: dict) -> bool:
+        """Whether a saved ``run_config.json`` / results ``config`` describes the run this config trains."""
+        return TrainConfig.from_dict(saved).run_identity() == self.run_identity()
+
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
