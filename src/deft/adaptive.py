@@ -39,6 +39,7 @@ fallback) and every PEFT method of :mod:`deft.methods` is covered by the same co
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -835,37 +836,50 @@ def timed_pass(model: nn.Module, batches: Sequence[dict]) -> tuple[float, torch.
 
 
 # Run in a fresh interpreter by `peak_memory_of_export`. Linux's peak-RSS counter (VmHWM) is reset
-# after the imports (writing 5 to /proc/self/clear_refs), so the peak is the export's own load +
-# inference, not the imports' transient allocations.
+# (writing 5 to /proc/self/clear_refs) after the imports and again after loading, so the loading's
+# transient copies and the inference pass are measured apart, each over the process's own baseline.
 _PEAK_MEMORY_CHILD = """
-import json, re, sys, time
+import gc, json, re, sys, time
 import torch
 from deft.adaptive import load_exported, model_bytes, timed_pass
 
 def kib(field):
     return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
 torch.set_num_threads(int(sys.argv[3]))
 batches = torch.load(sys.argv[2])
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+# Import everything loading needs before the baseline: transformers imports model code lazily.
+import transformers
+info = json.load(open(sys.argv[1] + "/deft_export.json"))
+with torch.device("meta"):
+    getattr(transformers, info["architecture"])(transformers.AutoConfig.from_pretrained(sys.argv[1]))
+gc.collect()
+reset_peak()
 base = kib("VmRSS")
 start = time.perf_counter()
 model = load_exported(sys.argv[1])
 loaded = time.perf_counter() - start
-load_peak = kib("VmHWM")
+gc.collect()
+load_peak, resident = kib("VmHWM"), kib("VmRSS")
+reset_peak()
 timed_pass(model, batches)
 print(json.dumps({"load_seconds": loaded, "load_peak_bytes": 1024 * (load_peak - base),
-                  "peak_bytes": 1024 * (kib("VmHWM") - base), "param_bytes": model_bytes(model)}))
+                  "resident_bytes": 1024 * (resident - base), "peak_bytes": 1024 * (kib("VmHWM") - base),
+                  "param_bytes": model_bytes(model)}))
 """
 
 
 def peak_memory_of_export(export_dir: str | Path, batches_file: str | Path, threads: int | None = None) -> dict:
-    """Peak memory of loading an export (:func:`load_exported`) and running one pass over the saved batches.
+    """Memory of an export (:func:`load_exported`) in a fresh Python process, as a deployment sees it.
 
-    Measured in a fresh Python process, as a deployment would see it: ``peak_bytes`` is the peak
-    resident set during load + pass minus the resident set before loading (weights, the loading's
-    transient copies, activations); skipped blocks are never allocated there. Needs Linux's /proc.
+    Over the process's resident set before loading: ``resident_bytes`` after loading (what the
+    model holds), ``peak_bytes`` the peak during one inference pass over the saved batches
+    (model + activations), ``load_peak_bytes`` the peak while loading (the loader's transient
+    copies). Skipped blocks are never allocated there. Needs Linux's /proc.
     """
     import subprocess
     import sys
@@ -874,7 +888,12 @@ def peak_memory_of_export(export_dir: str | Path, batches_file: str | Path, thre
         raise AdaptiveError("peak-memory measurement needs Linux /proc (VmHWM reset); pass --no-peak-memory")
     cmd = [sys.executable, "-c", _PEAK_MEMORY_CHILD, str(export_dir), str(batches_file),
            str(threads or torch.get_num_threads())]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # glibc keeps freed heap memory resident and moves its mmap threshold with the workload, which
+    # made repeated measurements differ by ~15%. Serving every allocation over 64 KiB by mmap
+    # returns it to the system on free, so the resident set follows live memory (repeats agree
+    # within 0.2 MiB on MiniLM).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"peak-memory process for {export_dir} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -1002,6 +1021,7 @@ def bench_inference(run_dir: str | Path, baseline_dir: str | Path | None = None,
             if "ada_peft" in peak else None
         payload["memory_note"] += ("; peak_memory = a fresh process loading the exported model (`deft export`, "
                                    "skipped blocks never allocated) and running one pass over the same batches: "
-                                   "its peak resident set minus its resident set before loading")
+                                   "peak resident set during the pass minus the resident set before loading "
+                                   "(also resident_bytes after loading and load_peak_bytes while loading)")
     return payload
 
