@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,6 +143,29 @@ def test_compare_writes_table_json_and_plot(tiny_bert_dir, shared_data, tmp_path
     again = compare(other, [0], tmp_path / "cmp2", progress=False)
     assert (tmp_path / "cmp2" / "peft-seed0" / "results.json").stat().st_mtime == mtime
     assert again["runs"]["deft"][0]["config"]["lambda_warmup"] == 0.5
+
+
+def test_gradient_checkpointing_is_enabled_non_reentrant_and_keeps_the_density_term(
+        tiny_bert_dir, shared_data, tmp_path, monkeypatch):
+    import transformers
+
+    calls = []
+    original = transformers.PreTrainedModel.activation_checkpointing_enable
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs.get("activation_checkpointing_kwargs") or (args[0] if args else None))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "activation_checkpointing_enable", recording)
+    cfg = tiny_config(tiny_bert_dir, shared_data, gradient_checkpointing=True, evals_per_epoch=1)
+    with warnings.catch_warnings():
+        # no deprecated TrainingArguments names (peft's own `is_gradient_checkpointing` use is not ours)
+        warnings.filterwarnings("error", message=r"`gradient_checkpointing(_kwargs)?` is deprecated")
+        train(cfg, tmp_path / "run", progress=False)
+    assert calls and calls[-1] == {"use_reentrant": False}
+    logged = [e["density_loss"] for e in json.loads((tmp_path / "run" / "history.json").read_text())
+              if "density_loss" in e]
+    assert logged and all(v > 0 for v in logged)
 
 
 def test_run_identity_ignores_density_settings_only_for_peft():
