@@ -75,6 +75,22 @@ def test_peft_and_deft_differ_only_by_the_loss(tiny_bert_dir, shared_data, tmp_p
     assert deft["metrics"]["loss"] != pytest.approx(peft["metrics"]["loss"], rel=1e-5)
 
 
+def test_evaluation_cadence_does_not_change_training(tiny_bert_dir, shared_data, tmp_path):
+    # Each evaluation builds a DataLoader iterator, which draws a seed from torch's global RNG and
+    # so shifts every later dropout mask: without isolation, --evals-per-epoch changed the result.
+    def final_weights(evals, name):
+        cfg = tiny_config(tiny_bert_dir, shared_data, max_steps=-1, epochs=1.0, max_train_samples=32,
+                          evals_per_epoch=evals)
+        train(cfg, tmp_path / name, progress=False)
+        _, model, _ = load_run(tmp_path / name)
+        return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+    once, every_step = final_weights(1, "once"), final_weights(4, "every-step")
+    assert once and once.keys() == every_step.keys()
+    for key in once:
+        torch.testing.assert_close(every_step[key], once[key], rtol=0, atol=0, msg=key)
+
+
 def test_resume_continues_from_checkpoint(tiny_bert_dir, shared_data, tmp_path):
     first = train(tiny_config(tiny_bert_dir, shared_data, max_steps=2), tmp_path / "run", progress=False)
     assert first["resumed_from"] is None

@@ -173,6 +173,14 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
                 self._density_log.clear()
             super().log(logs, *args, **kwargs)
 
+        def evaluate(self, *args, **kwargs):
+            # Every DataLoader iterator draws its base seed from torch's global RNG, so an
+            # evaluation mid-training would shift all later dropout masks: the result would depend
+            # on --evals-per-epoch. Evaluate on a forked RNG so training never sees it.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                return super().evaluate(*args, **kwargs)
+
         def evaluation_loop(self, *args, **kwargs):
             meter = DensityMeter(self.sites.sites, threshold=self.threshold)
             measuring = ActivationCapture(self.model, self.sites, meter=meter)
