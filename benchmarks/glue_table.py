@@ -108,8 +108,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"settings": settings, "rows": rows,
                                                            "averages": averages}, indent=2))
+    # a bare `|` inside a cell would end it in Markdown: |a| is escaped
     lines = ["| method | task | metric | PEFT | DEFT | Δ pts | density PEFT → DEFT (%) | change % | "
-             "|a|>0.01 PEFT → DEFT (%) | change % |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "\\|a\\|>0.01 PEFT → DEFT (%) | change % |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['task']} | {r['metric']} | {r['peft_metric']:.2f} | {r['deft_metric']:.2f} | "
                      f"{r['metric_delta']:+.2f} | {r['peft_density']:.2f} → {r['deft_density']:.2f} | "
