@@ -2,7 +2,7 @@
 
 For every model (MiniLM and a tiny random-init seq2seq T5, both on SST-2) this trains one
 ADA-PEFT run and one ADA-DEFT run per λ (same seed, data and steps), then runs
-``deft.adaptive.bench_inference``: ADA-DEFT skipped vs the same model unskipped vs ADA-PEFT,
+``deft.deploy.bench_inference``: ADA-DEFT skipped vs the same model unskipped vs ADA-PEFT,
 side by side in one process (median wall time over the evaluation set, parameter bytes,
 blocks skipped, metric) plus the metric-vs-threshold curve. Finished runs are reused.
 
@@ -48,7 +48,7 @@ def tiny_t5_dir(root: Path) -> str:
 
 
 def run_or_reuse(config, run_dir: Path) -> dict:
-    from deft.train import train
+    from deft.training import train
 
     done = run_dir / "results.json"
     if done.exists() and config.same_run(json.loads(done.read_text())["config"]):
@@ -99,9 +99,10 @@ def main() -> None:
     if args.data_dir is None and (HERE.parents[1] / "shared" / "data" / "glue").is_dir():
         args.data_dir = str(HERE.parents[1] / "shared" / "data")
 
-    from deft.adaptive import DEFAULT_CURVE, DEFAULT_SKIP_THRESHOLD, bench_inference
-    from deft.loss import DensityLossConfig
-    from deft.train import TrainConfig
+    from deft.adaptive import DEFAULT_SKIP_THRESHOLD
+    from deft.deploy import DEFAULT_CURVE, bench_inference
+    from deft.core.loss import DensityLossConfig
+    from deft.training import TrainConfig
 
     threshold = DEFAULT_SKIP_THRESHOLD if args.threshold is None else args.threshold
     runs, results = Path(args.runs_dir), Path(args.results_dir)

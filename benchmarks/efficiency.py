@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # runnable from a checkout without installing
 
-from deft.cli_efficiency import (  # noqa: E402
-    DEFAULT_SWEEP, check_run_dir, load_subject, measure_energy, plot_sweep, prune_sweep, sweep_points, sweep_table,
-)
-from deft.energy import EnergyConfig, energy_change  # noqa: E402
+from deft.analysis.energy import EnergyConfig, energy_change  # noqa: E402
+from deft.analysis.energy_runs import load_subject, measure_energy  # noqa: E402
+from deft.analysis.prune_runs import DEFAULT_SWEEP, plot_sweep, prune_sweep, sweep_points  # noqa: E402
+from deft.training import RunDir  # noqa: E402
 
 
 def energy_pair(peft: str, deft: str, *, zero_threshold: float | None, samples: int | None, seed: int) -> dict:
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
 
     peft = args.peft or str(Path(args.compare_dir) / f"peft-seed{args.seed}")
     deft = args.deft or str(Path(args.compare_dir) / f"deft-seed{args.seed}")
-    check_run_dir(peft)
-    check_run_dir(deft)
+    RunDir(peft).check()
+    RunDir(deft).check()
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
@@ -114,7 +114,11 @@ def main(argv=None) -> int:
         first = sweep["runs"][0]
         plot_sweep(sweep, results / "prune_sweep_sst2.png",
                    title=f"WANDA · {first['model']} · {first['method']} · SST-2 dev")
-        print(sweep_table(sweep))
+        for entry in sweep["runs"]:
+            for p in entry["points"]:
+                print(f"{entry['label']:6} {p['structure'] or format(p['sparsity'], '.0%'):>5}: metric "
+                      f"{100 * p['metric']:.2f}, density {100 * p['density']:.2f}%, |a|>τ "
+                      f"{100 * p['density_threshold']:.2f}%")
         print(f"wrote {results / 'prune_sweep_sst2.json'} and {results / 'prune_sweep_sst2.png'}")
     return 0
 

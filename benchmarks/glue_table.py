@@ -1,6 +1,6 @@
 """Our Table 1: PEFT vs DEFT on MiniLM over GLUE tasks, for LoRA and the bottleneck adapter.
 
-Runs ``deft.compare.compare`` for every task × method (finished runs are reused, so an
+Runs ``deft.training.compare`` for every task × method (finished runs are reused, so an
 interrupted table resumes), then writes
 
 * ``benchmarks/results/glue_table.json`` — one row per task × method with ``task``, ``method``,
@@ -19,10 +19,9 @@ import json
 import statistics
 from pathlib import Path
 
-from deft.cli import DEFAULT_EPS, method_training_default
-from deft.compare import compare
-from deft.loss import DensityLossConfig
-from deft.train import TrainConfig
+from deft.core.approx import DEFAULT_L0_EPS
+from deft.core.loss import DensityLossConfig
+from deft.training import TrainConfig, compare
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,10 +48,10 @@ def main() -> None:
     ap.add_argument("--max-eval-samples", type=int, default=None)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None, help="default: the CLI's per-method default (lora 5e-3, adapter 1e-2)")
+    ap.add_argument("--lr", type=float, default=None, help="default: TrainConfig's per-method preset (lora 5e-3, adapter 1e-2)")
     ap.add_argument("--lambda", dest="lam", type=float, default=1.0)
-    ap.add_argument("--eps", type=float, default=DEFAULT_EPS)
-    ap.add_argument("--lambda-warmup", type=float, default=None, help="default: the CLI's per-method default (adapter 0.5, else 0)")
+    ap.add_argument("--eps", type=float, default=DEFAULT_L0_EPS)
+    ap.add_argument("--lambda-warmup", type=float, default=None, help="default: TrainConfig's per-method preset (adapter 0.5, else 0)")
     ap.add_argument("--evals-per-epoch", type=int, default=4, help="density and metric against the step (history.json)")
     ap.add_argument("--lora-options", default='{"include_mlp": true}')
     ap.add_argument("--data-dir", default=None)
@@ -67,10 +66,10 @@ def main() -> None:
                 task=task, method=method, model=args.model,
                 method_options=json.loads(args.lora_options) if method in ("lora", "qlora") else {},
                 density=DensityLossConfig(weight=args.lam, approx="l0", eps=args.eps),
-                epochs=args.epochs, learning_rate=method_training_default(method, "learning_rate", args.lr),
+                epochs=args.epochs, learning_rate=args.lr,
                 max_length=args.max_length, max_train_samples=args.max_train_samples,
                 max_eval_samples=args.max_eval_samples, evals_per_epoch=args.evals_per_epoch,
-                lambda_warmup=method_training_default(method, "lambda_warmup", args.lambda_warmup),
+                lambda_warmup=args.lambda_warmup,
                 data_dir=args.data_dir)
             out = Path(args.runs_dir) / f"{method}-{task}"
             payload = compare(config, args.seeds, out, progress=False)

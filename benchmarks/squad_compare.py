@@ -1,6 +1,6 @@
 """PEFT vs DEFT on SQuAD v1.1 (offline by-article split): F1 / EM and density change per stack.
 
-Two profiles, each running ``deft.compare.compare`` (finished runs are reused, so an interrupted
+Two profiles, each running ``deft.training.compare`` (finished runs are reused, so an interrupted
 benchmark resumes) and writing one JSON file to ``benchmarks/results/``:
 
 * ``minilm`` — MiniLM (``minilm``, extractive span head), LoRA → ``squad_minilm.json``;
@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deft.compare import compare
-from deft.loss import DensityLossConfig
-from deft.metrics import density_change
-from deft.sites import STACKS
-from deft.train import TrainConfig
+from deft.training import compare
+from deft.core.loss import DensityLossConfig
+from deft.core.metrics import density_change
+from deft.core.sites import STACKS
+from deft.training import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from deft.approx import make_approx
-from deft.capture import ActivationCapture
-from deft.loss import DensityLossConfig, combine_terms
+from deft.core.approx import make_approx
+from deft.core.capture import ActivationCapture
+from deft.core.loss import DensityLossConfig, combine_terms
 from deft.methods import get_method
-from deft.models import load_for_sequence_classification, load_tokenizer
+from deft.io.models import load_for_sequence_classification, load_tokenizer
 from deft.tasks import load_glue
 
 

@@ -20,19 +20,17 @@ from deft.adaptive import (
     ThresholdPoint,
     adaptive_weights,
     apply_adaptive,
-    export_model,
     initial_alphas,
-    load_exported,
     pick_threshold,
-    prepare_for_inference,
     skip_blocks,
     skip_sites,
     threshold_curve,
 )
-from deft.approx import make_approx
-from deft.capture import ActivationCapture
+from deft.deploy import export_model, load_exported, prepare_for_inference
+from deft.core.approx import make_approx
+from deft.core.capture import ActivationCapture
 from deft.methods import get_method, trainable_parameters
-from deft.sites import find_sites, unwrap_model
+from deft.core.sites import find_sites, unwrap_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -240,7 +238,7 @@ def test_export_round_trip(family, method, tmp_path):
     skip_blocks(model, None, threshold=0.05)
     reference = _outputs(model, inputs)
     info = export_model(model, tmp_path / "export", threshold=0.05)
-    assert len(info["skipped"]) == 1 and info["load_with"] == "deft.adaptive.load_exported"
+    assert len(info["skipped"]) == 1 and info["load_with"] == "deft.deploy.load_exported"
     assert (tmp_path / "export" / "model.deft.safetensors").exists()
     loaded = load_exported(tmp_path / "export")
     torch.testing.assert_close(_outputs(loaded, inputs), reference, rtol=1e-5, atol=1e-5)
@@ -304,7 +302,7 @@ def test_unsupported_combinations_fail_clearly():
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_train_ada_run_save_restore_and_cli(method, tiny_bert_dir, shared_data, tmp_path, capsys):
     from deft.cli import main
-    from deft.train import TrainConfig, load_run, train
+    from deft.training import TrainConfig, load_run, train
 
     cfg = TrainConfig(model=tiny_bert_dir, tokenizer="minilm", task="sst2", method=method, max_train_samples=16,
                       max_eval_samples=16, batch_size=8, eval_batch_size=8, max_steps=2, max_length=32,

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import FAMILIES, TEXT_FAMILIES, family_kind, make_inputs, make_model
-from deft.approx import make_approx
-from deft.capture import ActivationCapture, align_mask
-from deft.loss import DensityLossConfig, combine_terms
-from deft.metrics import DensityMeter
-from deft.sites import find_sites
+from deft.core.approx import make_approx
+from deft.core.capture import ActivationCapture, align_mask
+from deft.core.loss import DensityLossConfig, combine_terms
+from deft.core.metrics import DensityMeter
+from deft.core.sites import find_sites
 from test_sites import peft_wrap
 
 # peft itself refuses these combinations (the model takes no past_key_values).

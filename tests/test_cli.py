@@ -73,8 +73,8 @@ def test_missing_data_dir_is_clear(capsys):
     (["--method", "prefix", "--lambda-warmup", "0.2"], 1e-3, 0.2),
 ])
 def test_train_defaults_per_method(argv, lr, warmup):
-    from deft.cli import _train_config, build_parser
+    from deft.cli import train_config, build_parser
 
-    config = _train_config(build_parser().parse_args(["train", *argv, "--output", "x"]))
+    config = train_config(build_parser().parse_args(["train", *argv, "--output", "x"]))
     assert config.learning_rate == lr
     assert config.lambda_warmup == warmup

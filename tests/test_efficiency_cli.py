@@ -7,9 +7,8 @@ import torch
 import transformers as T
 
 from deft.cli import main
-from deft.loss import DensityLossConfig
-from deft.pruned_run import PRUNED_WEIGHTS
-from deft.train import TrainConfig, load_run, train
+from deft.core.loss import DensityLossConfig
+from deft.training import RunDir, TrainConfig, load_run, train
 
 SAMPLES = ["--max-samples", "4"]
 
@@ -75,7 +74,7 @@ def test_prune_saves_a_loadable_pruned_run(runs, tmp_path, extra, expected):
     n_layers = 2 if extra[-1] != "all_linear" else 2 * 6 + 1
     assert len(info["per_layer_sparsity"]) == n_layers
     # The pruned run reloads with its zeros, in the N:M pattern where asked, and `deft eval` takes it.
-    assert (out / PRUNED_WEIGHTS).is_file() and (out / "run_config.json").is_file()
+    assert (out / RunDir.PRUNED_WEIGHTS).is_file() and (out / "run_config.json").is_file()
     _, model, _ = load_run(out)
     w = model.bert.encoder.layer[0].intermediate.dense.weight
     assert float((w == 0).float().mean()) == pytest.approx(expected)

@@ -1,4 +1,4 @@
-"""Zero-skipping ASIC energy model (deft.energy): hand-computed cases and tiny transformers."""
+"""Zero-skipping ASIC energy model (deft.analysis.energy): hand-computed cases and tiny transformers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from deft.energy import (SPONGE_COMPUTE_PJ, SPONGE_MEMORY_PJ, EnergyConfig, EnergyReport, energy_change,
+from deft.analysis.energy import (SPONGE_COMPUTE_PJ, SPONGE_MEMORY_PJ, EnergyConfig, EnergyReport, energy_change,
                          estimate_energy)
 
 MEM, MAC = SPONGE_MEMORY_PJ, SPONGE_COMPUTE_PJ

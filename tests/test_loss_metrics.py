@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from deft.approx import APPROXIMATIONS, apply_fp32, make_approx
-from deft.loss import DensityLossConfig, combine_terms, site_term
-from deft.metrics import DensityMeter, density_change
-from deft.sites import ActivationSite
+from deft.core.approx import APPROXIMATIONS, PAPER_L0_EPS, apply_fp32, make_approx
+from deft.core.loss import DensityLossConfig, combine_terms, site_term
+from deft.core.metrics import DensityMeter, density_change
+from deft.core.sites import ActivationSite
 
 A = torch.tensor([[[0.0, 1.0, -2.0], [0.5, 0.0, 0.0]],
                   [[3.0, 0.0, 0.001], [9.0, 9.0, 9.0]]])  # (B=2, T=2, h=3); last token of seq 2 is padding
@@ -18,10 +18,24 @@ MASK = torch.tensor([[True, True], [True, False]])
 def test_approximations_by_hand():
     a = torch.tensor([0.0, 1.0, -2.0])
     torch.testing.assert_close(make_approx("l0", eps=1.0)(a), torch.tensor([0.0, 0.5, 0.8]))
-    torch.testing.assert_close(make_approx("tanh", beta=2.0)(a), torch.tanh(torch.tensor([0.0, 2.0, -4.0])))
-    torch.testing.assert_close(make_approx("sigmoid", beta=1.0)(a), torch.sigmoid(a))
+    torch.testing.assert_close(make_approx("tanh", beta=2.0)(a), torch.tanh(torch.tensor([0.0, 2.0, 4.0])))
+    e = math.e
+    torch.testing.assert_close(make_approx("sigmoid", beta=1.0)(a),
+                               torch.tensor([0.0, 2 / (1 + 1 / e) - 1, 2 / (1 + e ** -2) - 1]))
     torch.testing.assert_close(make_approx("l1")(a), torch.tensor([0.0, 1.0, 2.0]))
-    assert make_approx("l0").eps == 1e-7  # the paper's reference ε
+    assert make_approx("l0").eps == 0.1  # deft's default; the paper's reference ε is 1e-7
+    assert PAPER_L0_EPS == 1e-7
+
+
+@pytest.mark.parametrize("name", ["l0", "tanh", "sigmoid"])
+def test_bounded_forms_map_signed_activations_into_0_1_with_zero_only_at_zero(name):
+    """On GELU-like signed values no form may go negative or charge an exact zero (was: tanh(βa) < 0
+    for a < 0 and sigmoid(0) = 0.5, so the loss rewarded negative activations)."""
+    a = torch.cat([torch.linspace(-6, 6, 1200), torch.zeros(1)])
+    f = make_approx(name)(a)
+    assert float(f.min()) >= 0.0 and float(f.max()) < 1.0
+    assert float(f[a == 0].max()) == 0.0 and bool((f[a != 0] > 0).all())
+    torch.testing.assert_close(f, make_approx(name)(-a))  # a penalty on |a|: -a costs what a costs
 
 
 @pytest.mark.parametrize("name,params,match", [

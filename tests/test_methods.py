@@ -29,7 +29,7 @@ from deft.methods import (
     read_method_metadata,
     trainable_parameters,
 )
-from deft.sites import find_sites, unwrap_model
+from deft.core.sites import find_sites, unwrap_model
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

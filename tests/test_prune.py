@@ -1,4 +1,4 @@
-"""WANDA / magnitude pruning (deft.prune) on hand-made tensors and tiny transformers."""
+"""WANDA / magnitude pruning (deft.analysis.prune) on hand-made tensors and tiny transformers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deft.prune import (PruneConfig, calibration_indices, collect_input_norms, limit_samples, magnitude_prune,
+from deft.analysis.prune import (PruneConfig, calibration_indices, collect_input_norms, limit_samples, magnitude_prune,
                         merge_peft, n_m_mask, parse_n_m, prune_n_m, prune_unstructured, target_modules,
                         wanda_prune, wanda_scores, weight_out_in)
 

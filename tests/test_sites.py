@@ -4,7 +4,7 @@ import transformers as T
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from conftest import FAMILIES, N_LAYERS, TEXT_FAMILIES, family_kind, make_model
-from deft.sites import FAMILY_RULES, UnsupportedModelError, find_sites
+from deft.core.sites import FAMILY_RULES, UnsupportedModelError, find_sites
 
 EXPECTED_RULE = {"bert": "bert", "roberta": "bert", "distilbert": "distilbert", "t5": "t5", "t5-gated": "t5-gated",
                  "gpt2": "gpt2", "opt": "opt", "llama": "llama-gated", "mistral": "llama-gated",

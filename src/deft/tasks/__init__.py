@@ -1,4 +1,5 @@
-"""Task registry: benchmark task specs by name (GLUE now; other benchmarks such as SQuAD plug in here)."""
+"""Task registry: benchmark task specs by name (GLUE, SQuAD); how each kind trains and evaluates is
+in :mod:`deft.tasks.runners`."""
 
 from __future__ import annotations
 
@@ -45,9 +46,18 @@ class TaskSpec(Protocol):
         """Metric key used for model selection."""
         ...
 
+    @property
+    def kind(self) -> str:
+        """Task kind (``glue``, ``squad``): selects the runner in :data:`deft.tasks.runners.RUNNERS`."""
+        ...
+
+    @property
+    def max_length(self) -> int:
+        """Standard maximum input length in tokens."""
+        ...
+
 
 # Read-only so the registry is fixed at import time; new benchmarks add their specs here.
-# Specs without a ``kind`` attribute are GLUE tasks; SQuAD specs have kind "squad".
 TASKS: Mapping[str, TaskSpec] = MappingProxyType({**GLUE_TASKS, **SQUAD_TASKS})
 """All tasks by canonical name."""
 

@@ -87,6 +87,10 @@ class GlueTask:
     """Splits whose tsv has no header line (CoLA train/dev)."""
     headerless_columns: tuple[str, ...] = ()
     """Column names to assume for ``headerless_splits``."""
+    kind: str = "glue"
+    """Task kind: selects the runner in :data:`deft.tasks.runners.RUNNERS`."""
+    max_length: int = 128
+    """Standard maximum input length in tokens (the default ``max_length`` of a run)."""
 
     @property
     def is_regression(self) -> bool:

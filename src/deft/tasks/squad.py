@@ -107,9 +107,7 @@ class SquadTask:
     main_metric: str = "f1"
     """Metric used for model selection and ``deft compare`` (0–1 scale)."""
     kind: str = "squad"
-    """Task kind: selects the runner in :data:`deft.train.RUNNERS`."""
-    runner_module: str = "deft.qa"
-    """Module that registers this kind's runners (imported on first use)."""
+    """Task kind: selects the runner in :data:`deft.tasks.runners.RUNNERS`."""
     max_length: int = 384
     """Standard maximum input length in tokens (the CLI's default ``--max-length`` for SQuAD)."""
     splits: tuple[str, ...] = SPLITS

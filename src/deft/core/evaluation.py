@@ -1,8 +1,4 @@
-"""One pass over an evaluation set: task predictions and activation density together.
-
-Batches are padded per batch (``DataCollatorWithPadding``), not to a fixed length: GLUE
-sentences are short, and padding would only be masked out again.
-"""
+"""One pass over an evaluation set: task predictions (logits) and activation density together."""
 
 from __future__ import annotations
 
@@ -17,29 +13,6 @@ from tqdm.auto import tqdm
 from .capture import ActivationCapture
 from .metrics import DensityMeter, DensityReport
 from .sites import SiteMap, find_sites
-
-
-def tokenize_glue(dataset, tokenizer, max_length: int = 128):
-    """Tokenize a dataset from :func:`deft.tasks.load_glue` (``text_a``, optional ``text_b``, ``label``)."""
-    pair = "text_b" in dataset.column_names
-
-    def encode(batch):
-        return tokenizer(batch["text_a"], batch["text_b"] if pair else None, truncation=True, max_length=max_length)
-
-    keep = {"label"}
-    return dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep],
-                       desc="tokenizing")
-
-
-def make_loader(tokenized, tokenizer, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    columns = [c for c in tokenized.column_names]
-    data = tokenized.with_format("python", columns=columns)
-    renamed = [{("labels" if k == "label" else k): v for k, v in row.items()} for row in data]
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(renamed, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
 @dataclass

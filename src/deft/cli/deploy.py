@@ -1,11 +1,11 @@
-"""ADA-DEFT commands: ``deft export``, ``deft load``, ``deft bench-inference`` (see :mod:`deft.adaptive`)."""
+"""Deployment commands: ``deft export``, ``deft load``, ``deft bench-inference`` (see :mod:`deft.deploy`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .report import format_table
+from .format import format_table
 
 
 def _threshold(value: str) -> float | None:
@@ -19,7 +19,7 @@ def _threshold(value: str) -> float | None:
 
 
 def cmd_export(args) -> int:
-    from .adaptive import export_run
+    from ..deploy import export_run
 
     info = export_run(args.run, args.out, _threshold(args.skip_threshold))
     print(f"exported {args.run} -> {args.out}: method {info['method']}, "
@@ -30,7 +30,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_load(args) -> int:
-    from .adaptive import load_exported, model_bytes, read_export_info
+    from ..deploy import load_exported, model_bytes, read_export_info
 
     info = read_export_info(args.dir)
     model = load_exported(args.dir)
@@ -42,7 +42,7 @@ def cmd_load(args) -> int:
 
 
 def cmd_bench_inference(args) -> int:
-    from .adaptive import bench_inference
+    from ..deploy import bench_inference
 
     payload = bench_inference(args.run, args.baseline, threshold=args.skip_threshold, repeats=args.repeats,
                               batch_size=args.batch_size, max_samples=args.max_samples, data_dir=args.data_dir,
@@ -63,7 +63,8 @@ def cmd_bench_inference(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from .adaptive import DEFAULT_CURVE, DEFAULT_SKIP_THRESHOLD
+    from ..adaptive import DEFAULT_SKIP_THRESHOLD
+    from ..deploy import DEFAULT_CURVE
 
     p = sub.add_parser("export", help="standalone model directory: skipped MLP blocks gone, LoRA merged")
     p.add_argument("--run", required=True, help="run directory (deft train)")

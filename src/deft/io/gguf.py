@@ -49,12 +49,10 @@ def gguf_to_safetensors(gguf_file: Path, target: Path, *, note: str = "") -> Pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import ModelNotAvailableError
-
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError as err:
-        raise ModelNotAvailableError("reading a GGUF file needs the package 'gguf': pip install gguf") from err
+        raise ImportError("reading a GGUF file needs the package 'gguf': pip install gguf") from err
     gguf_file = Path(gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -72,7 +72,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .sites import unwrap_model
+from ..core.batches import call_model, model_device, move_batch
+from ..core.layers import is_conv1d, unwrap_model
+from ..core.masks import TokenMasks, in_decoder
 
 # --- Energy constants -------------------------------------------------------------------------
 # Source: the sponge-examples estimator (Shumailov et al. 2021; iliaishacked/sponge_examples,
@@ -222,112 +224,6 @@ def energy_change(er_peft, er_deft) -> float:
 
 
 # --- Real-token masks (shared with deft.prune) ------------------------------------------------
-_DECODER_PATH = re.compile(r"(^|\.)decoder(\.|$)")
-
-
-class TokenMasks:
-    """Real-token masks of one model call, and how to align them with a module's tensors.
-
-    Built from the batch given to the model. For encoder–decoder models, modules under a
-    ``decoder`` path use the decoder mask (``decoder_attention_mask``, else ``labels != -100``
-    when the decoder inputs come from the labels, else none), all others ``attention_mask``.
-    """
-
-    def __init__(self, encoder: torch.Tensor | None = None, decoder: torch.Tensor | None = None,
-                 encdec: bool = False):
-        self.encoder = encoder
-        self.decoder = decoder
-        self.encdec = encdec
-
-    @classmethod
-    def from_batch(cls, model: nn.Module, batch) -> "TokenMasks":
-        base = unwrap_model(model)
-        encdec = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
-        if not isinstance(batch, Mapping):
-            return cls(None, None, encdec)
-
-        def mask2d(t):
-            return t.bool() if isinstance(t, torch.Tensor) and t.dim() == 2 else None
-
-        enc = mask2d(batch.get("attention_mask"))
-        if not encdec:
-            return cls(enc, enc, False)
-        dec = mask2d(batch.get("decoder_attention_mask"))
-        labels = batch.get("labels")
-        if dec is None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and \
-                batch.get("decoder_input_ids") is None and batch.get("decoder_inputs_embeds") is None:
-            dec = labels != -100
-        return cls(enc, dec, True)
-
-    def for_module(self, name: str) -> torch.Tensor | None:
-        if self.encdec and _DECODER_PATH.search(name):
-            return self.decoder
-        return self.encoder
-
-    def cross_keys(self) -> torch.Tensor | None:
-        """Mask of the keys of a cross-attention (the encoder's tokens)."""
-        return self.encoder
-
-    @staticmethod
-    def align(lead: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor | None:
-        """A bool mask over the ``prod(lead)`` rows of a tensor with leading shape ``lead``
-        (all dims but the feature dim), or ``None`` when every row counts.
-
-        * (B, P) with P ≤ T keeps the mask's last P positions (incremental decoding); P > T
-          prepends real positions (prompt tuning's virtual tokens, which are computed);
-        * (1, T) with B > 1 (position embeddings broadcast over the batch): a position counts
-          when any sequence has a real token there;
-        * (B·T,) (OPT flattens tokens): the flattened mask;
-        * anything else (pooled (B, h) vectors, relative position buckets): every row.
-        """
-        if mask is None:
-            return None
-        batch, length = mask.shape
-        if len(lead) == 1:
-            return mask.reshape(-1) if lead[0] == batch * length and length > 1 else None
-        if len(lead) != 2:
-            return None
-        rows, positions = lead
-        if rows == batch:
-            if positions <= length:
-                return mask[:, length - positions:].reshape(-1)
-            pad = mask.new_ones(batch, positions - length)
-            return torch.cat([pad, mask], dim=1).reshape(-1)
-        if rows == 1 and positions == length:
-            return mask.any(dim=0).reshape(-1)
-        return None
-
-    def align_2d(self, lead: tuple[int, ...], mask: torch.Tensor | None) -> torch.Tensor:
-        """(rows, positions) bool mask for a (B, P, ...) tensor; all-true where no mask applies."""
-        flat = self.align(lead, mask)
-        if flat is None:
-            return torch.ones(lead, dtype=torch.bool)
-        return flat.reshape(lead)
-
-
-def move_batch(batch, device):
-    """Tensors of a batch (a mapping, tuple or tensor) moved to ``device``."""
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(v.to(device) if isinstance(v, torch.Tensor) else v for v in batch)
-    return batch.to(device) if isinstance(batch, torch.Tensor) else batch
-
-
-def call_model(model: nn.Module, batch):
-    """``model(**batch)`` for a mapping, ``model(*batch)`` for a tuple, else ``model(batch)``."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 # --- Module classification --------------------------------------------------------------------
 _NORM_NAME = re.compile(r"(LayerNorm|RMSNorm|GroupNorm|LayerNorm2d)$", re.IGNORECASE)
 _TORCH_ACTS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.LeakyReLU, nn.ELU,
@@ -338,14 +234,10 @@ _FUSED_QKV = ("c_attn",)  # GPT-2 family: one projection, output split into equa
 _CROSS_NAME = re.compile(r"encdec|cross|encoder_attn", re.IGNORECASE)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def _module_kind(module: nn.Module) -> str | None:
     if next(module.children(), None) is not None:
         return None  # only leaves; containers (LoRA wrappers included) are counted through them
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -362,7 +254,7 @@ def _weight_out_in(module: nn.Module, n_in: int, n_out: int) -> torch.Tensor | N
     """A dense layer's weight as (out, in) (GPT-2's Conv1D stores (in, out)); ``None`` when the
     stored weight is not a plain matrix (packed 4-bit weights that cannot be dequantized)."""
     w = module.weight.detach()
-    if _is_conv1d(module):
+    if is_conv1d(module):
         w = w.t()
     if tuple(w.shape) == (n_out, n_in):
         return w
@@ -631,7 +523,7 @@ class _Estimator:
         if cfg is None:
             return False
         if getattr(cfg, "is_encoder_decoder", False):
-            return bool(_DECODER_PATH.search(name))
+            return in_decoder(name)
         if getattr(cfg, "is_decoder", False):
             return True
         can_generate = getattr(self.base, "can_generate", None)

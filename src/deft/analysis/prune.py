@@ -37,8 +37,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .energy import TokenMasks, call_model, model_device, move_batch
-from .sites import find_sites, unwrap_model
+from ..core.batches import call_model, model_device, move_batch
+from ..core.layers import dense_layer, is_conv1d, unwrap_model, weight_out_in
+from ..core.masks import TokenMasks
+from ..core.sites import find_sites
+from ..methods import BottleneckAdapter, merge_peft
+
 
 TARGETS = ("mlp_first", "all_linear")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -102,38 +106,6 @@ def parse_n_m(structure: str) -> tuple[int, int]:
 
 
 # --- Layers -----------------------------------------------------------------------------------
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``transformers.pytorch_utils.Conv1D`` (weight stored (in, out))."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _dense(module: nn.Module) -> nn.Module:
-    """The layer holding the weight (the base layer inside an unmerged peft wrapper)."""
-    return getattr(module, "base_layer", module)
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as an (out, in) view (a transpose view for ``Conv1D``)."""
-    layer = _dense(module)
-    return layer.weight.data.t() if is_conv1d(layer) else layer.weight.data
-
-
-def merge_peft(model: nn.Module) -> nn.Module:
-    """Merge a peft model's adapters into the base weights (``merge_and_unload()``) and return
-    the plain transformers model; any other model is returned as it is.
-
-    The merge happens in place in the base model, so a peft wrapper the caller still holds
-    runs the merged weights too.
-    """
-    merge = getattr(model, "merge_and_unload", None)
-    if callable(merge):
-        try:
-            return merge()
-        except (AttributeError, NotImplementedError, ValueError, TypeError):
-            return model  # nothing mergeable (prompt learning): the wrapper must run as it is
-    return model
-
-
 def target_modules(model: nn.Module, targets: str = "mlp_first") -> dict[str, nn.Module]:
     """The layers to prune, by path in the unwrapped transformers model, in forward order."""
     if targets not in TARGETS:
@@ -146,8 +118,6 @@ def target_modules(model: nn.Module, targets: str = "mlp_first") -> dict[str, nn
     backbone = getattr(base, prefix, None) if prefix else None
     keep_under = f"{prefix}." if isinstance(backbone, nn.Module) and backbone is not base else None
     out_emb = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
-    from .methods.adapter import BottleneckAdapter
-
     # A bottleneck adapter wraps the frozen down projection: that base layer is pruned through
     # the wrapper (as for peft wrappers), while the adapter's own bottleneck layers are trained
     # PEFT modules, not base weights, and are left alone.
@@ -347,7 +317,7 @@ def _check_layers(modules: dict[str, nn.Module], config: PruneConfig) -> None:
     if not modules:
         raise ValueError(f"no layers to prune for targets={config.targets!r}")
     for name, module in modules.items():
-        layer = _dense(module)
+        layer = dense_layer(module)
         n_out, n_in = (layer.nf, layer.weight.shape[0]) if is_conv1d(layer) else \
             (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
         if tuple(weight_out_in(module).shape) != (n_out, n_in) or not weight_out_in(module).is_floating_point():

@@ -7,9 +7,9 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from .metrics import density_change
-from .report import format_table
-from .train import TrainConfig, train
+from ..core.metrics import density_change
+from .config import TrainConfig
+from .run import train
 
 DENSITY_KINDS = (("density", lambda d: d["overall"]), ("density_threshold", lambda d: d["threshold"]["overall"]),
                  ("union_density", lambda d: d["union"]["overall"]))
@@ -63,22 +63,6 @@ def compare(config: TrainConfig, seeds: list[int], output_dir: str | Path, *, pr
     plot_per_layer(summary, out / "density_per_layer.png",
                    title=f"{config.model} · {config.method} · {config.task}")
     return payload
-
-
-def comparison_table(payload: dict) -> str:
-    s = payload["summary"]
-    fmt = lambda ms: f"{ms['mean']:.2f} ± {ms['std']:.2f}"  # noqa: E731
-    tau = payload["runs"]["peft"][0]["density"]["threshold"]["tau"]
-    rows = []
-    for mode in ("peft", "deft"):
-        rows.append((mode.upper(), fmt(s[mode]["metric"]), fmt(s[mode]["density"]), fmt(s[mode]["density_threshold"]),
-                     fmt(s[mode]["union_density"])))
-    ch = s["density_change"]
-    rows.append(("change %", f"{s['metric_delta']:+.2f} pts", f"{ch['density']:.2f}", f"{ch['density_threshold']:.2f}",
-                 f"{ch['union_density']:.2f}"))
-    head = [f"{payload['task']} / {payload['method']}", f"{s['peft']['metric_name']} (%)", "density (%)",
-            f"|a|>{tau:g} (%)", "union/seq (%)"]
-    return format_table(head, rows)
 
 
 def plot_per_layer(summary: dict, path: Path, title: str = "") -> None:

@@ -22,8 +22,9 @@ class DensityLossConfig:
 
     ``weight`` is λ of eq. 8 (0 turns DEFT into PEFT). ``approx`` names the stand-in for
     1[a ≠ 0] (``l0``, ``tanh``, ``sigmoid``, ``l1``); ``eps``/``beta`` are its parameter
-    (``None`` → the form's default: ε = 1e-7, β = 1). ``encoder_weight``/``decoder_weight``
-    weigh the two stacks' terms (either may be 0).
+    (``None`` → the form's default, :mod:`deft.core.approx`: ε = 0.1, β = 1; filled in, so a
+    saved config names the value). ``encoder_weight``/``decoder_weight`` weigh the two stacks'
+    terms (either may be 0).
     """
 
     weight: float = 1.0
@@ -37,7 +38,10 @@ class DensityLossConfig:
         for name in ("weight", "encoder_weight", "decoder_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.build_approx()  # validates approx name and parameters early
+        approx = self.build_approx()  # validates approx name and parameters early
+        for name in ("eps", "beta"):
+            if getattr(self, name) is None and hasattr(approx, name):
+                object.__setattr__(self, name, getattr(approx, name))
 
     def build_approx(self):
         return make_approx(self.approx, eps=self.eps, beta=self.beta)

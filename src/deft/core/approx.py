@@ -1,8 +1,12 @@
 """Differentiable stand-ins for the indicator 1[a != 0] (METHOD.md §3, paper eqs. 4–5, App. A.2.1).
 
-Each approximation is a small frozen dataclass with a ``__call__`` that maps activations to
-values in [0, 1) element-wise. They are always evaluated in fp32 with autocast off: ε = 1e-7
-underflows in half precision (1e-7 < fp16's smallest normal and is lost against a² in bf16).
+Each approximation is a small frozen dataclass with a ``__call__`` that maps activations
+element-wise to a value that is 0 exactly at a = 0 and grows with |a|: into [0, 1) for ℓ0-ε,
+tanh and sigmoid, into [0, ∞) for ℓ1. tanh and sigmoid are taken of |a|: the paper states them
+for ReLU outputs (a ≥ 0), where |a| = a; on signed activations (GELU, SiLU) tanh(β·a) would go
+negative and sigmoid(0) = 0.5, so the loss would reward negative activations instead of zeros.
+They are always evaluated in fp32 with autocast off: ε = 1e-7 underflows in half precision
+(1e-7 < fp16's smallest normal and is lost against a² in bf16).
 """
 
 from __future__ import annotations
@@ -12,11 +16,17 @@ from dataclasses import dataclass, fields
 import torch
 
 
+#: ε of the paper (eq. 5). It barely moves GELU models in a short run.
+PAPER_L0_EPS = 1e-7
+#: deft's default ε: the best metric/density trade-off of our short-run probes (README, GLUE table).
+DEFAULT_L0_EPS = 0.1
+
+
 @dataclass(frozen=True)
 class L0Approx:
     """ℓ0-ε form (eq. 5): a² / (a² + ε); for GELU-family and other signed activations."""
 
-    eps: float = 1e-7
+    eps: float = DEFAULT_L0_EPS
 
     def __post_init__(self):
         if not self.eps > 0:
@@ -71,7 +81,8 @@ class _L0MaskedSum(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class TanhApprox:
-    """tanh form (eq. 4): tanh(β·a); meant for ReLU outputs (a ≥ 0).
+    """tanh form (eq. 4): tanh(β·|a|) — the paper's tanh(β·a) on ReLU outputs (a ≥ 0), and a
+    penalty on magnitude (never a reward for negative values) on signed activations.
 
     The paper's β was lost in text extraction; 1.0 is our default, not the paper's.
     """
@@ -83,12 +94,16 @@ class TanhApprox:
             raise ValueError(f"tanh approximation needs beta > 0, got {self.beta}")
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.beta * a)
+        return torch.tanh(self.beta * a.abs())
 
 
 @dataclass(frozen=True)
 class SigmoidApprox:
-    """sigmoid form (App. A.2.1): sigmoid(β·a)."""
+    """sigmoid form (App. A.2.1), shifted and scaled to be 0 at a = 0: 2·sigmoid(β·|a|) − 1.
+
+    On ReLU outputs this is the paper's sigmoid(β·a) up to the affine map 2x − 1, so the
+    gradient is the paper's, doubled; the raw form would charge 0.5 for every exact zero.
+    """
 
     beta: float = 1.0
 
@@ -97,7 +112,7 @@ class SigmoidApprox:
             raise ValueError(f"sigmoid approximation needs beta > 0, got {self.beta}")
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.beta * a)
+        return 2 * torch.sigmoid(self.beta * a.abs()) - 1
 
 
 @dataclass(frozen=True)

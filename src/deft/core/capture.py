@@ -5,17 +5,12 @@ One :class:`ActivationCapture` serves both consumers of the activations:
 * the **loss**: each hook reduces its activation to ``(Σ f(a) over real tokens, count)`` at
   once (so no activation outlives its forward), collected per stack until
   :meth:`ActivationCapture.pop_terms`;
-* the **metric**: each hook feeds a :class:`~deft.metrics.DensityMeter` under ``no_grad``.
+* the **metric**: each hook feeds a :class:`~deft.core.metrics.DensityMeter` under ``no_grad``.
 
-Alignment rules, so the same code is right for every model and PEFT method:
-
-* masks come from the model call itself (a pre-hook on the transformers model, and on the
-  encoder of encoder–decoder models, which ``generate()`` calls on its own);
-* an activation with fewer positions than the mask keeps the mask's *last* positions — prefix
-  tuning's virtual keys and incremental decoding (new tokens at the end of the mask) both fit;
-* an activation with more positions than the mask has virtual tokens prepended (prompt
-  tuning without a peft-extended mask): they are counted, since the MLP computes them;
-* a flattened (B·T, h) activation (OPT) is reshaped with the batch size of the call.
+Masks come from the model call itself (a pre-hook on the transformers model, and on the
+encoder of encoder–decoder models, which ``generate()`` calls on its own) and are aligned with
+each activation by :mod:`deft.core.masks`, the one real-token rule set (padding, prefix/prompt
+virtual tokens, incremental decoding, OPT's flattened MLP, beam search).
 
 Each site is counted once per model call: a hook firing again before the next call is the
 recomputation of gradient checkpointing and is ignored.
@@ -31,35 +26,13 @@ from functools import partial
 import torch
 from torch import nn
 
+from .layers import unwrap_model
 from .loss import site_term
+from .masks import align_mask, call_masks, mask_2d
 from .metrics import DensityMeter
-from .sites import STACKS, SiteMap, find_sites, unwrap_model
+from .sites import STACKS, SiteMap, find_sites
 
-
-def align_mask(act: torch.Tensor, mask: torch.Tensor | None, batch_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring ``act`` to (B, T, h) and ``mask`` to a (B, T) bool real-token mask (see module doc)."""
-    width = act.shape[-1]
-    if act.dim() == 2:  # OPT: (B·T, h)
-        rows = batch_size or (mask.shape[0] if mask is not None else 1)
-        if act.shape[0] % rows:
-            raise RuntimeError(f"cannot unflatten activation of shape {tuple(act.shape)} into batch {rows}")
-        act = act.reshape(rows, -1, width)
-    elif act.dim() != 3:
-        act = act.reshape(act.shape[0], -1, width)
-    batch, positions = act.shape[:2]
-    if mask is None:
-        return act, torch.ones(batch, positions, dtype=torch.bool, device=act.device)
-    mask = mask.to(device=act.device, dtype=torch.bool)
-    if mask.shape[0] != batch:
-        if batch % mask.shape[0]:
-            raise RuntimeError(f"activation batch {batch} does not match attention mask batch {mask.shape[0]}")
-        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)  # beam search expands the batch
-    length = mask.shape[1]
-    if length >= positions:
-        mask = mask[:, length - positions:]
-    else:
-        mask = torch.cat([mask.new_ones(batch, positions - length), mask], dim=1)
-    return act, mask
+__all__ = ["ActivationCapture", "align_mask"]
 
 
 class ActivationCapture:
@@ -159,10 +132,6 @@ class ActivationCapture:
         except TypeError:
             return dict(kwargs)
 
-    @staticmethod
-    def _mask_2d(mask):
-        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
     def _on_model_call(self, signature, module, args, kwargs):
         bound = self._bind(signature, args, kwargs)
         self._reset_pass()
@@ -171,23 +140,18 @@ class ActivationCapture:
         batch = next((bound[k] for k in ("input_ids", "inputs_embeds", "pixel_values", "decoder_input_ids")
                       if isinstance(bound.get(k), torch.Tensor)), None)
         self._batch_size = int(batch.shape[0]) if batch is not None else None
-        mask = self._mask_2d(bound.get("attention_mask"))
+        encoder_mask, decoder_mask = call_masks(bound, self._encdec)
         if not self._encdec:
-            self._masks = dict.fromkeys(STACKS, mask)
+            self._masks = dict.fromkeys(STACKS, encoder_mask)
             return
         if bound.get("encoder_outputs") is None:
-            self._masks["encoder"] = mask
-        decoder_mask = self._mask_2d(bound.get("decoder_attention_mask"))
-        labels = bound.get("labels")
-        if decoder_mask is None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and \
-                bound.get("decoder_input_ids") is None and bound.get("decoder_inputs_embeds") is None:
-            decoder_mask = labels != -100  # decoder inputs are the shifted labels; -100 marks padding
+            self._masks["encoder"] = encoder_mask
         self._masks["decoder"] = decoder_mask
 
     def _on_encoder_call(self, module, args, kwargs):
         # generate() runs the encoder on its own, outside the model's forward.
         bound = self._bind(inspect.signature(module.forward), args, kwargs)
-        self._masks["encoder"] = self._mask_2d(bound.get("attention_mask"))
+        self._masks["encoder"] = mask_2d(bound.get("attention_mask"))
         encoder_sites = [i for i, s in enumerate(self.sites) if s.stack == "encoder"]
         self._fired.difference_update(encoder_sites)
         if self.meter is not None and not self._grouped:

@@ -19,6 +19,11 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from .layers import ActivationWrapper, in_features, out_features, unwrap_model
+
+__all__ = ["SITE_POINTS", "STACKS", "FAMILY_RULES", "FamilyRule", "ActivationSite", "SiteMap", "UnsupportedModelError",
+           "find_sites", "supported_families", "unwrap_model"]
+
 SITE_POINTS = ("act", "product")
 STACKS = ("encoder", "decoder")
 
@@ -130,12 +135,6 @@ class UnsupportedModelError(ValueError):
     """No MLP activation site could be found."""
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def supported_families() -> list[str]:
     return sorted({f"{r.family} ({', '.join(r.model_types)})" for r in FAMILY_RULES})
 
@@ -165,18 +164,6 @@ def find_sites(model: nn.Module, point: str = "act") -> SiteMap:
     )
 
 
-def _width(module: nn.Module | None) -> int:
-    """Output width of a dense layer (nn.Linear, GPT-2's Conv1D, a peft/bnb wrapper)."""
-    if module is None:
-        return 0
-    base = getattr(module, "base_layer", module)  # peft LoRA wraps the original layer
-    for attr in ("out_features", "nf"):  # Conv1D calls it nf
-        if isinstance(getattr(base, attr, None), int):
-            return getattr(base, attr)
-    weight = getattr(base, "weight", None)
-    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else 0
-
-
 def _apply_rules(rules: list[FamilyRule], modules: dict[str, nn.Module], point: str) -> list[ActivationSite]:
     sites = []
     for rule in rules:
@@ -193,7 +180,7 @@ def _apply_rules(rules: list[FamilyRule], modules: dict[str, nn.Module], point: 
                 continue
             sites.append(ActivationSite(
                 module=name if point == "act" else down, point=point, stack=rule.stack,
-                layer=int(m.group("layer")), width=_width(modules[first]), activation=type(mod).__name__,
+                layer=int(m.group("layer")), width=out_features(modules[first]), activation=type(mod).__name__,
                 family=rule.family, first=first, mult=mult, down=down))
     return _ordered(sites)
 
@@ -207,7 +194,7 @@ def _is_activation(mod: nn.Module) -> bool:
     torch_acts = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU)
     if isinstance(mod, torch_acts):
         return True
-    if getattr(type(mod), "wraps_activation", False):  # deft.adaptive's α·σ / skipped-block wrappers
+    if isinstance(mod, ActivationWrapper):  # e.g. ADA-DEFT's α·σ / skipped-block stand-ins
         return True
     # transformers' own activation classes (GELUActivation, NewGELUActivation, ...) live here.
     return type(mod).__module__ == "transformers.activations" and type(mod).__name__ not in ("LinearActivation",)
@@ -221,18 +208,10 @@ def _dense_under(path: str, modules: dict[str, nn.Module], depth: int) -> list[t
         if not name.startswith(prefix) or name == path:
             continue
         rel = name[len(prefix):]
-        if rel.count(".") < depth and "base_layer" not in rel and _width(mod) and \
+        if rel.count(".") < depth and "base_layer" not in rel and out_features(mod) and \
                 hasattr(getattr(mod, "base_layer", mod), "weight") and not isinstance(mod, (nn.Embedding, nn.LayerNorm)):
             found.append((name, mod))
     return found
-
-
-def _in_features(mod: nn.Module) -> int | None:
-    base = getattr(mod, "base_layer", mod)
-    if isinstance(getattr(base, "in_features", None), int):
-        return base.in_features
-    weight = getattr(base, "weight", None)  # GPT-2 Conv1D stores (in, out)
-    return int(weight.shape[0]) if type(base).__name__ == "Conv1D" and weight is not None else None
 
 
 def _generic_sites(base: nn.Module, modules: dict[str, nn.Module], point: str) -> list[ActivationSite]:
@@ -257,11 +236,11 @@ def _generic_sites(base: nn.Module, modules: dict[str, nn.Module], point: str) -
         siblings = _dense_under(parent, modules, depth=1)
         if not siblings:
             continue
-        first_name, first = max(siblings, key=lambda nc: _width(nc[1]))
-        width = _width(first)
+        first_name, first = max(siblings, key=lambda nc: out_features(nc[1]))
+        width = out_features(first)
         grandparent = parent.rpartition(".")[0]
         down = next((n for n, c in siblings + _dense_under(grandparent, modules, depth=2)
-                     if n != first_name and _in_features(c) == width), None)
+                     if n != first_name and in_features(c) == width), None)
         if point == "product" and down is None:
             continue
         path = f".{name}."

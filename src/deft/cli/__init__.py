@@ -1,0 +1,167 @@
+"""The ``deft`` command: argparse and printing over the library (:mod:`deft`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .. import __version__
+from ..io.models import DEFAULT_MODEL, ModelNotAvailableError
+from .runs import cmd_compare, cmd_density, cmd_eval, cmd_inspect, cmd_train, train_config
+
+__all__ = ["build_parser", "main", "train_config"]
+
+
+def model_args(p):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in alias, local directory or hub name (default: {DEFAULT_MODEL})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or directory, if the model has none")
+    p.add_argument("--point", choices=("act", "product"), default="act",
+                   help="gated MLPs: measure σ's output (act, default) or the gated product")
+
+
+def train_args(p):
+    """Options of ``train``/``compare``; unset options keep :class:`~deft.training.TrainConfig`'s defaults."""
+    from ..core.approx import APPROXIMATIONS, DEFAULT_L0_EPS, PAPER_L0_EPS
+    from ..core.loss import DensityLossConfig
+    from ..methods import METHODS
+    from ..tasks import TASKS
+    from ..training import METHOD_PRESETS, field_default
+    from ..training.config import PRESET_FALLBACK
+
+    d = field_default
+    loss = DensityLossConfig.__dataclass_fields__
+    lrs = ", ".join(f"{m} {v['learning_rate']:g}" for m, v in METHOD_PRESETS.items())
+    model_args(p)
+    p.add_argument("--task", default=None, help=f"one of {', '.join(sorted(TASKS))} (default {d('task')})")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(sorted(METHODS))} (default {d('method')})")
+    p.add_argument("--method-options", default=None, metavar="JSON",
+                   help='method config as JSON, e.g. {"r": 16} (lora/qlora default: {"include_mlp": true})')
+    p.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help=f"λ, weight of the density loss (default {loss['weight'].default:g})")
+    p.add_argument("--approx", default=None,
+                   help=f"density approximation: {', '.join(APPROXIMATIONS)} (default {loss['approx'].default})")
+    p.add_argument("--eps", type=float, default=None,
+                   help=f"ε of the l0 approximation (default {DEFAULT_L0_EPS:g}; the paper's {PAPER_L0_EPS:g} barely "
+                        "moves GELU models in a short run)")
+    p.add_argument("--beta", type=float, default=None, help="β of the tanh/sigmoid approximation (default 1)")
+    p.add_argument("--encoder-weight", type=float, default=None, help="weight of the encoder stack's term (default 1)")
+    p.add_argument("--decoder-weight", type=float, default=None, help="weight of the decoder stack's term (default 1)")
+    p.add_argument("--lambda-warmup", type=float, default=None,
+                   help="ramp λ from 0 over this share of steps (default 0; adapter 0.5)")
+    p.add_argument("--epochs", type=float, default=None, help=f"training epochs (default {d('epochs'):g})")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the epochs')")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {lrs}, others {PRESET_FALLBACK['learning_rate']:g})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"training batch size (default {d('batch_size')})")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help=f"evaluation batch size (default {d('eval_batch_size')})")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help=f"gradient accumulation steps (default {d('gradient_accumulation_steps')})")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="maximum input tokens (default: the task's, 128 for GLUE, 384 for SQuAD)")
+    p.add_argument("--max-train-samples", type=int, default=None,
+                   help=f"training subset size (default {d('max_train_samples')} — a laptop-sized run; 0 = the full set)")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="evaluation subset size (default: all)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"τ of the reported |a| > τ density (default {d('threshold'):g})")
+    p.add_argument("--evals-per-epoch", type=int, default=None,
+                   help=f"evaluations (and checkpoints) per epoch (default {d('evals_per_epoch')})")
+    p.add_argument("--data-dir", default=None, help="data directory (default: $DEFT_DATA_DIR, else the hub)")
+    p.add_argument("--ada", action="store_true",
+                   help="ADA-PEFT / ADA-DEFT: a trainable weight α per MLP block (blocks can then be skipped)")
+    p.add_argument("--ada-lr-scale", type=float, default=None,
+                   help=f"α learns this many times faster (Adam; default {d('ada_lr_scale'):g})")
+
+
+# Command groups that live in their own modules; each module has add_commands(subparsers).
+COMMAND_MODULES: tuple[str, ...] = ("deft.cli.efficiency", "deft.cli.deploy")
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deft", description="Density-efficient fine-tuning of transformers.")
+    parser.add_argument("--version", action="version", version=f"deft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list a model's MLP activation sites")
+    model_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("density", help="measure activation density of a model on a dataset")
+    model_args(p)
+    p.add_argument("--task", required=True, help="task name, e.g. sst2")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--threshold", type=float, default=1e-2, help="τ of the threshold density |a| > τ")
+    p.add_argument("--data-dir", default=None, help="GLUE data directory (default: $DEFT_DATA_DIR, else the hub)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=cmd_density)
+
+    p = sub.add_parser("train", help="train one PEFT or DEFT run")
+    train_args(p)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--deft", action="store_true", help="with the density loss (default)")
+    mode.add_argument("--peft", action="store_true", help="without the density loss")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--output", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="PEFT vs DEFT with identical settings (the main job)")
+    train_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run pair per seed (default 0)")
+    p.add_argument("--output", default="runs/compare", help="directory for the runs and comparison.json")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("eval", help="reload a saved run and re-measure metric and density")
+    p.add_argument("--run", required=True)
+    p.add_argument("--task", default=None)
+    p.add_argument("--split", default=None)
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluation examples (default: the run's own evaluation subset; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    p.add_argument("--threshold", type=float, default=None, help="τ of the |a| > τ density (default: the run's)")
+    p.add_argument("--skip-threshold", type=float, default=None,
+                   help="ADA runs: remove the MLP blocks with |α| below this (see deft.adaptive)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.set_defaults(func=cmd_eval)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that end a command with a one-line message instead of a traceback.
+
+    Evaluated only when an exception propagates, so `deft --help` does not import torch.
+    """
+    from ..tasks.hub import DataNotAvailableError
+    from ..training import NonFiniteLossError
+
+    return (ModelNotAvailableError, DataNotAvailableError, NonFiniteLossError, ValueError, FileNotFoundError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # bitsandbytes (imported by peft) warns at import on every CPU machine that its optional hub-fetched
+    # `kernels` package is absent; it then uses its built-in CPU path, which is what QLoRA runs on here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"deft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

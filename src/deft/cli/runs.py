@@ -1,0 +1,163 @@
+"""``deft inspect``, ``deft density``, ``deft train``, ``deft compare``, ``deft eval``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .format import comparison_table, density_summary, format_table, pct, write_json
+
+# The library is imported inside the commands: `deft --help` stays fast (no torch import).
+
+
+# -- inspect ---------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    from transformers import AutoModel
+
+    from ..core.sites import find_sites
+    from ..io.models import load_pretrained
+
+    model = load_pretrained(AutoModel, args.model)
+    sites = find_sites(model, args.point)
+    total = sum(p.numel() for p in model.parameters())
+    mlp = sum(p.numel() for n, p in model.named_parameters()
+              if any(n.startswith(f"{s.first}.") or (s.down and n.startswith(f"{s.down}.")) or
+                     (s.mult and n.startswith(f"{s.mult}.")) for s in sites))
+    payload = {
+        "model": args.model, "model_type": sites.model_type, "class": type(model).__name__,
+        "family_rule": sites.family, "point": sites.point, "gated": sites.gated,
+        "parameters": {"total": total, "mlp": mlp},
+        "sites": [s.to_dict() for s in sites],
+    }
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(f"model {args.model}: {type(model).__name__} (model_type {sites.model_type!r}), "
+          f"family rule: {sites.family}{' (gated MLP)' if sites.gated else ''}, site point: {sites.point}")
+    print(f"parameters: {total:,} total, {mlp:,} in MLP blocks ({100 * mlp / total:.1f}%)\n")
+    print(format_table(["stack", "layer", "site", "width", "activation"],
+                       [(s.stack, s.layer, s.module, s.width, s.activation) for s in sites]))
+    return 0
+
+
+# -- density ---------------------------------------------------------------------------------
+def cmd_density(args) -> int:
+    from ..core.evaluation import evaluate
+    from ..core.sites import find_sites
+    from ..io.models import load_for_sequence_classification, load_tokenizer
+    from ..tasks import get_task, load_glue
+    from ..tasks.runners.glue import make_loader, tokenize_glue
+    from ..training import RunDir, load_run
+
+    task = get_task(args.task)
+    if task.kind != "glue":
+        raise ValueError(f"deft density measures GLUE tasks; for {task.name} use deft eval on a trained run")
+    split = task.resolve_split(args.split)
+    dataset = load_glue(task.name, split, data_dir=args.data_dir, max_samples=args.max_samples, seed=args.seed)
+    if RunDir(args.model).is_run():  # a saved fine-tuned run
+        _, model, tokenizer = load_run(args.model)
+    else:
+        tokenizer = load_tokenizer(args.model, args.tokenizer)
+        model = load_for_sequence_classification(args.model, task.num_labels, tokenizer=tokenizer)
+    loader = make_loader(tokenize_glue(dataset, tokenizer, args.max_length), tokenizer, args.batch_size)
+    out = evaluate(model, loader, sites=find_sites(model, args.point), threshold=args.threshold,
+                   desc=f"density {task.name}/{split}")
+    density = out.density.to_dict()
+    print(f"{args.model} on {task.name}/{split} ({len(dataset)} examples, real tokens only)\n")
+    print(density_summary(density))
+    write_json(args.json, {"model": args.model, "task": task.name, "split": split, "samples": len(dataset),
+                           "point": args.point, "density": density})
+    return 0
+
+
+# -- train / compare / eval --------------------------------------------------------------------
+# Command-line option → TrainConfig field; an option left unset keeps the config's own default,
+# so `deft train X` and `train(TrainConfig(X))` are the same experiment.
+TRAIN_OPTIONS = {
+    "task": "task", "method": "method", "model": "model", "tokenizer": "tokenizer", "epochs": "epochs",
+    "max_steps": "max_steps", "lr": "learning_rate", "batch_size": "batch_size", "eval_batch_size": "eval_batch_size",
+    "max_length": "max_length", "max_eval_samples": "max_eval_samples", "lambda_warmup": "lambda_warmup",
+    "grad_accum": "gradient_accumulation_steps", "threshold": "threshold", "evals_per_epoch": "evals_per_epoch",
+    "seed": "seed", "data_dir": "data_dir", "point": "site_point", "ada_lr_scale": "ada_lr_scale",
+}
+DENSITY_OPTIONS = {"lam": "weight", "approx": "approx", "eps": "eps", "beta": "beta",
+                   "encoder_weight": "encoder_weight", "decoder_weight": "decoder_weight"}
+
+
+def train_config(args):
+    """The :class:`~deft.training.TrainConfig` of a ``train``/``compare`` command line."""
+    from ..core.loss import DensityLossConfig
+    from ..training import TrainConfig
+
+    given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items()
+             if getattr(args, option, None) is not None}
+    density = {field: getattr(args, option) for option, field in DENSITY_OPTIONS.items()
+               if getattr(args, option, None) is not None}
+    if density:
+        given["density"] = DensityLossConfig(**density)
+    if args.method_options is not None:
+        given["method_options"] = json.loads(args.method_options)
+    if args.max_train_samples is not None:
+        given["max_train_samples"] = args.max_train_samples or None  # 0 = the full set
+    if getattr(args, "peft", False):
+        given["mode"] = "peft"
+    for flag in ("gradient_checkpointing", "ada"):
+        if getattr(args, flag, False):
+            given[flag] = True
+    return TrainConfig(**given)
+
+
+def _print_run(results: dict) -> None:
+    metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in results["metrics"].items() if isinstance(v, float)
+                        and k not in ("loss",))
+    d = results["density"]
+    print(f"{results['mode'].upper()} {results['method']} on {results['task']} (seed {results['seed']}): {metrics}")
+    print(f"density {pct(d['overall'])}, |a|>{d['threshold']['tau']:g} {pct(d['threshold']['overall'])}, "
+          f"union/seq {pct(d['union']['overall'])}; trainable {results['trainable_params']:,} "
+          f"({100 * results['trainable_share']:.2f}%)")
+
+
+def cmd_train(args) -> int:
+    from ..training import train
+
+    results = train(train_config(args), args.output, resume=args.resume)
+    _print_run(results)
+    print(f"run saved in {args.output}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..training import compare
+
+    payload = compare(train_config(args), args.seeds, args.output)
+    print()
+    print(comparison_table(payload))
+    print(f"\nwrote {Path(args.output) / 'comparison.json'} and {Path(args.output) / 'density_per_layer.png'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """One evaluation for every task kind: the task's runner measures metric and density."""
+    from ..adaptive import skip_blocks
+    from ..core.sites import find_sites
+    from ..training import load_run, task_runner
+
+    config, model, tokenizer = load_run(args.run)
+    runner = task_runner(config, args.task)
+    skipped = []
+    if args.skip_threshold is not None:
+        sites = find_sites(model, config.site_point)
+        skipped = [s.module for s in skip_blocks(model, sites, args.skip_threshold)]
+        print(f"skipped {len(skipped)} of {len(sites)} MLP blocks (|α| < {args.skip_threshold:g})")
+    out = runner.evaluate_model(model, tokenizer, split=args.split, data_dir=args.data_dir,
+                                max_samples=args.max_samples, batch_size=args.batch_size, threshold=args.threshold)
+    task = runner.task
+    print(f"{args.run}: {config.mode.upper()} {config.method} on {task.name}/{out.split} ({out.samples} examples)")
+    for key, value in out.extra.items():
+        print(f"{key}: {value}")
+    print(", ".join(f"{k} {100 * v:.2f}" for k, v in out.metrics.items()) + "\n")
+    print(density_summary(out.density))
+    write_json(args.json, {"run": str(args.run), "task": task.name, "split": out.split, "metrics": out.metrics,
+                           "density": out.density, **out.extra,
+                           "skip_threshold": args.skip_threshold, "skipped": skipped})
+    return 0

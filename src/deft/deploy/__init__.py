@@ -1,0 +1,12 @@
+"""What turns a trained run into something that runs: the inference form and export/load
+(:mod:`~deft.deploy.export`), measurement of a deployed model (:mod:`~deft.deploy.measure`) and
+the ADA-DEFT inference benchmark (:mod:`~deft.deploy.bench`)."""
+
+from .bench import DEFAULT_CURVE, bench_inference
+from .export import (EXPORT_INFO_FILE, EXPORT_VARIANT, PEFT_EXPORT_DIR, export_model, export_run, fold_alphas,
+                     load_exported, prepare_for_inference, read_export_info)
+from .measure import model_bytes, peak_memory_of_export, timed_pass
+
+__all__ = ["DEFAULT_CURVE", "EXPORT_INFO_FILE", "EXPORT_VARIANT", "PEFT_EXPORT_DIR", "bench_inference", "export_model",
+           "export_run", "fold_alphas", "load_exported", "model_bytes", "peak_memory_of_export",
+           "prepare_for_inference", "read_export_info", "timed_pass"]

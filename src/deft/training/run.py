@@ -1,0 +1,167 @@
+"""Training one run (PEFT or DEFT) and rebuilding a trained one: :func:`train`, :func:`load_run`.
+
+What a run directory holds is :class:`~deft.training.rundir.RunDir`'s; the Trainer with the
+density term is :mod:`deft.training.trainer`; what differs between task kinds is the task's
+runner (:mod:`deft.tasks.runners`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adaptive import AdaptiveConfig, apply_adaptive, checkpoint_callback, frozen_alphas, load_adaptive
+from ..core.sites import find_sites
+from ..io.models import ensure_pad_token, load_tokenizer, resolve_model_path
+from ..methods import get_method, trainable_parameters
+from ..tasks.runners import TaskRunner, runner_for
+from .config import TrainConfig
+from .rundir import RunDir
+from .trainer import make_deft_trainer
+
+
+def task_runner(config: TrainConfig, task: str | None = None) -> TaskRunner:
+    """The runner of ``task`` (default the run's) with this run's settings; runners that depend on
+    the architecture (task ``squad``) read the model's config when they need it."""
+
+    def model_config():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(resolve_model_path(config.model))
+
+    return runner_for(config, model_config, task)
+
+
+def build_model(config: TrainConfig, tokenizer, runner: TaskRunner):
+    """Base model for the task, loaded the way the method needs (e.g. 4-bit for QLoRA)."""
+    from transformers.utils import logging as hf_logging
+
+    method = get_method(config.method)
+    method_config = method.resolve_config(config.method_options or None)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a base checkpoint's task head is new by design; no load report
+    try:
+        model = method.load_base(resolve_model_path(config.model), runner.auto_class(), method_config,
+                                 **runner.model_kwargs())
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    ensure_pad_token(model, tokenizer)
+    return method, method_config, model
+
+
+def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train one run (PEFT or DEFT) and write the run directory; returns ``results.json``'s content."""
+    from transformers import TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run = RunDir(output_dir)
+    out = run.path
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and run.is_run():
+        if run.read_config() != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"--resume: {run / RunDir.CONFIG} was written with different settings; "
+                             "resume with the same options or use a new --output")
+    if int(os.environ.get("RANK", "0")) == 0:
+        run.write_json(RunDir.CONFIG, config.to_dict())
+
+    runner = task_runner(config)
+    task = runner.task
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.model, config.tokenizer)
+    method, method_config, model = build_model(config, tokenizer, runner)
+    model = method.apply(model, method_config, task_type=runner.task_type)
+    sites = find_sites(model, config.site_point)
+    # α after the method: peft freezes every parameter that exists when it wraps the model.
+    adaptive = apply_adaptive(model, sites, AdaptiveConfig(
+        init=config.ada_init, init_std=config.ada_init_std, seed=config.seed,
+        lr_scale=config.ada_lr_scale)) if config.ada else None
+    trainable, total = trainable_parameters(model)
+    train_set, dev_set = runner.datasets(tokenizer)
+
+    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.gradient_accumulation_steps))
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
+    eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a share of the steps in transformers 5
+        lr_scheduler_type="linear",
+        weight_decay=config.weight_decay,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        activation_checkpointing=config.gradient_checkpointing,
+        # Re-entrant checkpointing runs the forward without gradients: the density terms would be lost.
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        eval_strategy="steps", eval_steps=eval_every,
+        save_strategy="steps", save_steps=eval_every, save_total_limit=2,
+        logging_steps=max(1, min(10, eval_every)),
+        seed=config.seed, data_seed=config.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+    trainer = make_deft_trainer(
+        sites=sites, density=config.density_loss, threshold=config.threshold,
+        lambda_warmup_steps=int(config.lambda_warmup * total_steps),
+        model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
+        data_collator=runner.collator(tokenizer, model), compute_metrics=runner.compute_metrics(),
+        processing_class=tokenizer,
+        callbacks=[checkpoint_callback(adaptive)] if adaptive else None,
+    )
+    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    started = time.perf_counter()
+    if adaptive and checkpoint and (Path(checkpoint) / RunDir.ADAPTIVE).is_dir():
+        adaptive.load(Path(checkpoint) / RunDir.ADAPTIVE)  # peft checkpoints hold no α
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - started
+    trainer.capture.detach()
+
+    metrics = runner.final_metrics(trainer, dev_set)
+    main_process = trainer.is_world_process_zero()  # under torchrun every rank gets here; one writes
+    if main_process:
+        with frozen_alphas(model):  # α lives in adaptive/, not in the method's checkpoint
+            method.save(model, run / RunDir.METHOD)
+        if adaptive:
+            adaptive.save(run / RunDir.ADAPTIVE)
+        run.write_json(RunDir.HISTORY, trainer.state.log_history)
+    results = {
+        "task": task.name, "model": config.model, "method": config.method, "mode": config.mode,
+        "seed": config.seed, "metrics": metrics, "main_metric": task.main_metric,
+        "density": runner.final_density if runner.final_density is not None else trainer.last_density,
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "train_seconds": train_seconds, "steps": trainer.state.global_step,
+        "train_samples": len(train_set), "eval_samples": len(dev_set), "resumed_from": checkpoint,
+        **runner.result_fields(),
+        "alphas": adaptive.report() if adaptive else None,
+        "config": config.to_dict(),
+    }
+    if main_process:
+        run.write_json(RunDir.RESULTS, results)
+    return results
+
+
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:
+    """Rebuild a trained run: (config, model with its trained modules, tokenizer)."""
+    run = RunDir(run_dir).check()
+    config = TrainConfig.from_dict(run.read_config())
+    tokenizer = load_tokenizer(config.model, config.tokenizer)
+    method, _, base = build_model(config, tokenizer, task_runner(config))
+    model = method.load(base, run / RunDir.METHOD)
+    if config.ada:
+        load_adaptive(model, run / RunDir.ADAPTIVE, find_sites(model, config.site_point))
+    model = run.apply_pruned(model)  # a `deft prune` output: merged, pruned weights
+    model.eval()
+    return config, model, tokenizer

@@ -1,0 +1,97 @@
+"""The Hugging Face ``Trainer`` plus one term: λ·L_density from the capture hooks (eq. 8).
+
+Everything else — checkpoints, ``--resume``, gradient accumulation, mixed precision, logging,
+``accelerate launch``/``torchrun`` — is the library's. PEFT runs use the same class with λ = 0
+and no hooks, so the two modes differ only by the loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core.capture import ActivationCapture
+from ..core.loss import DensityLossConfig, combine_terms
+from ..core.metrics import DensityMeter
+from ..core.sites import SiteMap
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; the run stops instead of producing garbage."""
+
+
+def _trainer_base():
+    from transformers import Trainer
+
+    return Trainer
+
+
+def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, threshold: float,
+                      lambda_warmup_steps: int = 0, **trainer_kwargs):
+    """A :class:`transformers.Trainer` that adds λ·L_density and measures density at evaluation."""
+    Trainer = _trainer_base()
+
+    class DeftTrainer(Trainer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.sites = sites
+            self.density_config = density
+            self.threshold = threshold
+            self.lambda_warmup_steps = lambda_warmup_steps
+            approx = density.build_approx() if density is not None else None
+            self.capture = ActivationCapture(self.model, sites, approx=approx)
+            if density is not None:
+                self.capture.attach()
+            self._density_log: list[float] = []
+
+        def current_lambda_scale(self) -> float:
+            if self.lambda_warmup_steps <= 0:
+                return 1.0
+            return min(1.0, self.state.global_step / self.lambda_warmup_steps)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if self.density_config is not None and model.training:
+                term = combine_terms(self.capture.pop_terms(), self.density_config)
+                if term is not None:
+                    self._density_log.append(float(term.detach()) / self.density_config.weight)
+                    loss = loss + self.current_lambda_scale() * term
+            if model.training and not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(
+                    f"loss became {float(loss.detach())} at step {self.state.global_step + 1} "
+                    f"(epoch {self.state.epoch or 0:.2f}); lower the learning rate or λ, or raise ε")
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, *args, **kwargs):
+            if self._density_log and "loss" in logs:
+                logs["density_loss"] = float(np.mean(self._density_log))
+                logs["lambda_scale"] = self.current_lambda_scale()
+                self._density_log.clear()
+            super().log(logs, *args, **kwargs)
+
+        def evaluate(self, *args, **kwargs):
+            # Every DataLoader iterator draws its base seed from torch's global RNG, so an
+            # evaluation mid-training would shift all later dropout masks: the result would depend
+            # on --evals-per-epoch. Evaluate on a forked RNG so training never sees it.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                return super().evaluate(*args, **kwargs)
+
+        def evaluation_loop(self, *args, **kwargs):
+            meter = DensityMeter(self.sites.sites, threshold=self.threshold)
+            measuring = ActivationCapture(self.model, self.sites, meter=meter)
+            with measuring:
+                output = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            # Under torchrun each rank saw its shard of the evaluation set: sum the counts, so the
+            # density is over the whole set (as the gathered metric is).
+            meter.sync_processes()
+            report = meter.result().to_dict()
+            output.metrics[f"{prefix}_density"] = report["overall"]
+            output.metrics[f"{prefix}_density_threshold"] = report["threshold"]["overall"]
+            output.metrics[f"{prefix}_union_density"] = report["union"]["overall"]
+            self.last_density = report
+            return output
+
+    return DeftTrainer(**trainer_kwargs)
