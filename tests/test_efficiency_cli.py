@@ -158,3 +158,30 @@ def test_prune_unmergeable_method_reloads(runs, tmp_path, method):
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["metrics"]["accuracy"] == pytest.approx(info["metric"])
     assert ev["density"]["overall"] == pytest.approx(info["density"])
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_prune_of_an_ada_run_loads_and_evaluates(runs, tmp_path, method):
+    """Bug: `deft prune` on an ADA run copied run_config.json and method/ but not adaptive/, so the
+    pruned run could not be loaded (`deft eval` exited 2). Every part of the run now travels."""
+    from conftest import SHARED_DATA
+
+    base = json.loads((runs / "peft" / "run_config.json").read_text())
+    cfg = TrainConfig.from_dict({**base, "mode": "deft", "method": method, "ada": True, "learning_rate": None,
+                                 "method_options": None, "lambda_warmup": None, "data_dir": str(SHARED_DATA)})
+    train(cfg, tmp_path / "ada", progress=False)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--run", str(tmp_path / "ada"), "--sparsity", "0.5", "--calibration-samples", "4",
+                 *SAMPLES, "--output", str(out)]) == 0
+    assert (out / RunDir.ADAPTIVE / "adaptive.safetensors").is_file()
+    assert main(["eval", "--run", str(out), *SAMPLES, "--json", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    info = json.loads((out / "prune.json").read_text())
+    assert evaluated["metrics"][info["main_metric"]] == pytest.approx(info["metric"])
+    assert evaluated["density"]["overall"] == pytest.approx(info["density"])
+    # α survived: the reloaded pruned model still scales its blocks by the trained α
+    from deft.adaptive import adaptive_weights
+
+    _, model, _ = load_run(out)
+    _, source, _ = load_run(tmp_path / "ada")
+    assert adaptive_weights(model).alphas() == pytest.approx(adaptive_weights(source).alphas())
