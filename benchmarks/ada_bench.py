@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
+
+from lib.runs import run_or_reuse
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -45,20 +46,6 @@ def tiny_t5_dir(root: Path) -> str:
                             num_heads=4, d_kv=32, eos_token_id=102, pad_token_id=0, decoder_start_token_id=0)
         T.T5Model(config).save_pretrained(path)
     return str(path)
-
-
-def run_or_reuse(config, run_dir: Path) -> dict:
-    from deft.training import train
-
-    done = run_dir / "results.json"
-    if done.exists() and config.same_run(json.loads(done.read_text())["config"]):
-        return json.loads(done.read_text())
-    saved = run_dir / "run_config.json"
-    if saved.exists() and not config.same_run(json.loads(saved.read_text())):
-        print(f"== {run_dir} holds a run with other settings: starting it again", flush=True)
-        shutil.rmtree(run_dir)  # a scratch run of this benchmark (under --runs-dir), not user data
-    print(f"== training {config.mode.upper()} (ADA) λ={config.density.weight:g} -> {run_dir}", flush=True)
-    return train(config, run_dir, resume=run_dir.exists(), progress=False)
 
 
 def main() -> None:
@@ -122,12 +109,12 @@ def main() -> None:
                            lambda_warmup=args.lambda_warmup, seed=args.seed, data_dir=args.data_dir, ada=True,
                            ada_lr_scale=args.ada_lr_scale)
         peft_dir = runs / label / "ada-peft"
-        peft = run_or_reuse(base, peft_dir)
+        peft = run_or_reuse(base, peft_dir, note="(ADA) ")
         rows = []
         for lam in args.lambdas:
             cfg = replace(base, mode="deft", density=DensityLossConfig(weight=lam, approx="l0", eps=args.eps))
             deft_dir = runs / label / f"ada-deft-lam{lam:g}"
-            deft = run_or_reuse(cfg, deft_dir)
+            deft = run_or_reuse(cfg, deft_dir, note=f"(ADA) λ={cfg.density.weight:g} ")
             out = results / f"ada_{label}_lam{lam:g}.json"
             if args.reuse_bench and out.exists() and json.loads(out.read_text()).get("run") == str(deft_dir):
                 bench = json.loads(out.read_text())

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from lib.timing import interleaved_medians
 
 from deft.core.approx import make_approx
 from deft.core.capture import ActivationCapture
@@ -78,22 +77,15 @@ def main() -> None:
             capture.detach()
         return loss
 
-    def step(deft: bool) -> float:
-        t0 = time.perf_counter()
+    def step(deft: bool) -> None:
         loss = forward_loss(deft)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
 
-    for _ in range(3):
-        step(False), step(True)
-    times = {"peft": [], "deft": []}
-    for i in range(args.steps):
-        order = ("peft", "deft") if i % 2 == 0 else ("deft", "peft")
-        for side in order:
-            times[side].append(step(side == "deft"))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    timed = interleaved_medians({"peft": lambda: step(False), "deft": lambda: step(True)}, args.steps, warmup=3)
+    times = {k: v["all"] for k, v in timed.items()}
+    med = {k: v["median"] for k, v in timed.items()}
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     static = params + 3 * trainable  # weights + grads + AdamW's two moments

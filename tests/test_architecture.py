@@ -149,3 +149,11 @@ def test_benchmarks_use_the_public_api(script):
         elif isinstance(node, ast.Import):
             bad += [a.name for a in node.names if a.name.startswith("deft.cli")]
     assert not bad, bad
+
+
+def test_readme_layout_lists_every_module_once():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Layout"):readme.index("## Benchmarks")]
+    listed = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    modules = sorted(str(p.relative_to(SRC / "deft")) for p in (SRC / "deft").rglob("*.py") if p.name != "__init__.py")
+    assert sorted(listed) == modules

@@ -37,7 +37,7 @@ def save_pruned_run(model, source_run: str | Path, output_dir: str | Path, info:
 
 
 def prune_config_from(sparsity, structure, targets, calibration_samples, seed):
-    """A validated :class:`deft.prune.PruneConfig`; with N:M the sparsity is 1 − N/M, and an
+    """A validated :class:`deft.analysis.prune.PruneConfig`; with N:M the sparsity is 1 − N/M, and an
     explicit ``sparsity`` that disagrees is an error rather than silently ignored."""
     if structure is not None:
         n, m = parse_n_m(structure)

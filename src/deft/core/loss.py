@@ -53,7 +53,7 @@ class DensityLossConfig:
 def site_term(act: torch.Tensor, mask: torch.Tensor, approx, source=None) -> tuple[torch.Tensor, int]:
     """Σ f(a) over the real tokens of one site, and the number of elements summed.
 
-    ``act`` is (B, T, h), ``mask`` (B, T) bool. f is evaluated in fp32 (see :mod:`deft.approx`).
+    ``act`` is (B, T, h), ``mask`` (B, T) bool. f is evaluated in fp32 (see :mod:`deft.core.approx`).
     ``source = (fn, x)`` with ``act = fn(x)`` lets a fused approximation recompute ``act`` in
     backward instead of keeping it.
     """

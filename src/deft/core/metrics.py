@@ -47,7 +47,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 @dataclass
 class DensityMeter:
-    """Streams density statistics for a list of sites; fed by :class:`deft.capture.ActivationCapture`."""
+    """Streams density statistics for a list of sites; fed by :class:`deft.core.capture.ActivationCapture`."""
 
     sites: tuple[ActivationSite, ...]
     threshold: float = 1e-2

@@ -1,9 +1,9 @@
 """LoRA through huggingface/peft's ``LoraConfig``.
 
 Targets: ``target_modules=None`` means the attention query and value projections, found by
-name for the families of :mod:`deft.sites` (peft's own default table lacks some of them,
+name for the families of :mod:`deft.core.sites` (peft's own default table lacks some of them,
 e.g. DistilBERT and transformers-5 ViT). ``include_mlp=True`` adds the first dense layer of
-every MLP block (``site.first`` of :func:`deft.sites.find_sites`), named by its *full* path:
+every MLP block (``site.first`` of :func:`deft.core.sites.find_sites`), named by its *full* path:
 its last path component alone is ambiguous (BERT's ``dense`` would also match the attention
 output, the MLP down projection and the pooler). The task head is trained through peft's
 ``modules_to_save``.

@@ -10,7 +10,7 @@ Gradient checkpointing (``gradient_checkpointing=None``, the default) is on for 
 and off on CPU: it only trades compute for activation memory, which is what matters for
 Flan-T5-XXL on a GPU, while on CPU it roughly doubles the forward cost for nothing. It is
 non-reentrant (``use_reentrant=False``), which needs no input-gradient hack; the activation
-capture of :mod:`deft.capture` ignores the recomputed forward. bitsandbytes >= 0.48 runs the
+capture of :mod:`deft.core.capture` ignores the recomputed forward. bitsandbytes >= 0.48 runs the
 4-bit layers on CPU (compute dtype float32 there; bfloat16 on CUDA); its CPU inference-only
 weight repacking is switched off, see :func:`disable_cpu_inference_repack`.
 """

@@ -1,7 +1,6 @@
-"""SQuAD v1.1 training and evaluation in three forms, as :class:`deft.train.TaskRunner` subclasses.
-
-Importing this module registers :class:`SquadRunner` under the task kind ``"squad"`` in
-:data:`deft.train.RUNNERS` (``deft.train.task_runner`` imports it on first use). The runner picks
+"""SQuAD v1.1 training and evaluation in three forms, as :class:`~deft.tasks.runners.base.TaskRunner`
+subclasses (this module: the common part and the extractive form; the generating forms are in
+:mod:`deft.tasks.runners.squad_generate`, registered for the task kind ``"squad"``). The runner picks
 its form from the task (``squad-extractive`` / ``squad-seq2seq`` / ``squad-generative``) or, for
 task ``squad``, from the model (:func:`infer_form`):
 
@@ -24,9 +23,9 @@ question is answered, and the answer with the highest mean token log-probability
 decoding). Every window's forward pass is counted in the density.
 
 **Density.** The final evaluation measures density itself (the Trainer's evaluation loop
-cannot see ``generate()``): an :class:`~deft.capture.ActivationCapture` with a
-:class:`~deft.metrics.DensityMeter`, in the ``DensityReport.to_dict()`` shape, put in
-``results.json`` by :func:`deft.train.train`. Each ``generate()`` call is one
+cannot see ``generate()``): an :class:`~deft.core.capture.ActivationCapture` with a
+:class:`~deft.core.metrics.DensityMeter`, in the ``DensityReport.to_dict()`` shape, put in
+``results.json`` by :func:`deft.training.train`. Each ``generate()`` call is one
 ``sequence_group`` (union density accumulates over its decoding steps). Decoder density
 counts each decoding step of a live sequence once: once a sequence has emitted EOS, the steps
 ``generate()`` still runs for it while others finish are excluded (:class:`GenerationCapture`).
