@@ -38,8 +38,11 @@ __all__ = ["ActivationCapture", "align_mask"]
 class ActivationCapture:
     """Hooks every activation site of ``model``; use as a context manager or attach()/detach().
 
-    ``approx`` (from :mod:`deft.approx`) enables loss terms, collected only when gradients are
+    ``approx`` (from :mod:`deft.core.approx`) enables loss terms, collected only when gradients are
     on; ``meter`` enables density statistics. Either may be ``None``.
+
+    ``meter_rows``: when set, the meter counts only the first ``meter_rows`` rows of each batch
+    (the rest are not real samples, e.g. a distributed sampler's padding); the loss ignores it.
     """
 
     def __init__(self, model: nn.Module, sites: SiteMap | None = None, *, approx=None,
@@ -57,6 +60,7 @@ class ActivationCapture:
         self._fired: set[int] = set()
         self._terms: dict[str, list] = {s: [] for s in STACKS}
         self._grouped = 0
+        self.meter_rows: int | None = None
         self._encdec = bool(getattr(self.base.config, "is_encoder_decoder", False))
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -184,4 +188,6 @@ class ActivationCapture:
         if wants_loss:
             self._terms[site.stack].append(site_term(act3, mask, self.approx, source))
         if self.meter is not None:
+            if self.meter_rows is not None and self.meter_rows < mask.shape[0]:
+                mask = mask & (torch.arange(mask.shape[0], device=mask.device) < self.meter_rows).unsqueeze(1)
             self.meter.update(index, act3.detach(), mask)

@@ -115,7 +115,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     )
     trainer = make_deft_trainer(
         sites=sites, density=config.density_loss, threshold=config.threshold,
-        lambda_warmup_steps=int(config.lambda_warmup * total_steps),
+        lambda_warmup_steps=int(config.lambda_warmup * total_steps), loss_counts_items=runner.loss_counts_items,
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
         data_collator=runner.collator(tokenizer, model), compute_metrics=runner.compute_metrics(),
         processing_class=tokenizer,
@@ -163,5 +163,6 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:
     if config.ada:
         load_adaptive(model, run / RunDir.ADAPTIVE, find_sites(model, config.site_point))
     model = run.apply_pruned(model)  # a `deft prune` output: merged, pruned weights
+    model = run.apply_thresholds(model)  # a `deft sparsify` output: exact zeros under τ
     model.eval()
     return config, model, tokenizer

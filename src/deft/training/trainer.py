@@ -27,7 +27,7 @@ def _trainer_base():
 
 
 def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, threshold: float,
-                      lambda_warmup_steps: int = 0, **trainer_kwargs):
+                      lambda_warmup_steps: int = 0, loss_counts_items: bool | None = None, **trainer_kwargs):
     """A :class:`transformers.Trainer` that adds λ·L_density and measures density at evaluation."""
     Trainer = _trainer_base()
 
@@ -43,11 +43,25 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
             if density is not None:
                 self.capture.attach()
             self._density_log: list[float] = []
+            self._measuring: ActivationCapture | None = None
 
         def current_lambda_scale(self) -> float:
             if self.lambda_warmup_steps <= 0:
                 return 1.0
             return min(1.0, self.state.global_step / self.lambda_warmup_steps)
+
+        def _density_accumulation_divisor(self, num_items_in_batch) -> int:
+            # The term is a per-micro-batch mean. training_step divides the loss by the accumulation
+            # steps unless it counts the loss as normalised over the whole accumulated batch by
+            # num_items_in_batch (same condition as transformers' Trainer.training_step); then we
+            # divide the term ourselves, so its gradient does not grow with the accumulation steps.
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                    or self.compute_loss_func is not None
+            if not scaled:
+                return 1
+            return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -56,6 +70,9 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
                 term = combine_terms(self.capture.pop_terms(), self.density_config)
                 if term is not None:
                     self._density_log.append(float(term.detach()) / self.density_config.weight)
+                    steps = self._density_accumulation_divisor(num_items_in_batch)
+                    if steps != 1:
+                        term = term / steps
                     loss = loss + self.current_lambda_scale() * term
             if model.training and not torch.isfinite(loss.detach()).all():
                 raise NonFiniteLossError(
@@ -78,11 +95,42 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
             with torch.random.fork_rng(devices=devices):
                 return super().evaluate(*args, **kwargs)
 
+        def _real_rows(self, inputs) -> int | None:
+            """How many leading rows of this evaluation batch are real samples (None: all).
+
+            With even batches, accelerate's sharded dataloader completes the last round (rank p
+            gets global batch step·world + p) with samples from the start of the set, which
+            ``gather_for_metrics`` drops by keeping the first ``remainder`` gathered rows.
+            """
+            from transformers.trainer_pt_utils import find_batch_size
+
+            state = self.accelerator.gradient_state
+            if self.accelerator.num_processes == 1 or not self.accelerator.even_batches \
+                    or not state.end_of_dataloader or state.remainder <= 0:
+                return None
+            rows = find_batch_size(inputs)
+            if rows is None:
+                return None
+            return min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            if self._measuring is None:
+                return super().prediction_step(model, inputs, *args, **kwargs)
+            self._measuring.meter_rows = self._real_rows(inputs)
+            try:
+                return super().prediction_step(model, inputs, *args, **kwargs)
+            finally:
+                self._measuring.meter_rows = None
+
         def evaluation_loop(self, *args, **kwargs):
             meter = DensityMeter(self.sites.sites, threshold=self.threshold)
             measuring = ActivationCapture(self.model, self.sites, meter=meter)
-            with measuring:
-                output = super().evaluation_loop(*args, **kwargs)
+            self._measuring = measuring
+            try:
+                with measuring:
+                    output = super().evaluation_loop(*args, **kwargs)
+            finally:
+                self._measuring = None
             prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
             # Under torchrun each rank saw its shard of the evaluation set: sum the counts, so the
             # density is over the whole set (as the gathered metric is).
@@ -94,4 +142,10 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
             self.last_density = report
             return output
 
-    return DeftTrainer(**trainer_kwargs)
+    trainer = DeftTrainer(**trainer_kwargs)
+    if loss_counts_items is False:
+        # transformers 5 passes num_items_in_batch to any model whose forward takes **kwargs and then
+        # skips dividing the loss by the accumulation steps, but classification and seq2seq heads
+        # still return a per-micro-batch mean: their task gradient would grow with the steps.
+        trainer.model_accepts_loss_kwargs = False
+    return trainer

@@ -34,6 +34,10 @@ class TaskRunner:
     :data:`deft.tasks.runners.RUNNERS`."""
 
     task_type = "SEQ_CLS"  # peft's task type
+    #: Whether the model's task loss sums over tokens and divides by the Trainer's
+    #: ``num_items_in_batch`` (causal LMs); heads that return a per-batch mean do not, and the
+    #: Trainer must then divide by the accumulation steps itself.
+    loss_counts_items = False
     #: Density of the final evaluation when ``final_metrics`` measured it itself (generate-based
     #: evaluation runs outside the Trainer's loop); None → the Trainer's last evaluation.
     final_density: dict | None = None

@@ -228,6 +228,7 @@ class GenerativeRunner(GeneratingRunner):
 
     form = "generative"
     task_type = "CAUSAL_LM"
+    loss_counts_items = True  # causal-LM loss: Σ over answer tokens / num_items_in_batch
     pad_left = True
     reserve_answer = True
 
