@@ -1,11 +1,12 @@
-"""Deployment commands: ``deft export``, ``deft load``, ``deft bench-inference`` (see :mod:`deft.deploy`)."""
+"""Deployment commands: ``deft sparsify``, ``deft density-sweep``, ``deft export``, ``deft load``,
+``deft bench-inference`` (see :mod:`deft.deploy`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .format import format_table
+from .format import format_table, pct, write_json
 
 
 def _threshold(value: str) -> float | None:
@@ -62,9 +63,80 @@ def cmd_bench_inference(args) -> int:
     return 0
 
 
+def cmd_sparsify(args) -> int:
+    from ..deploy import sparsify_run
+
+    payload = sparsify_run(args.run, args.output, density=args.density, tau=args.tau, mode=args.mode,
+                           calibration_samples=args.calibration_samples, force=args.force,
+                           max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir)
+    th, before, after = payload["thresholds"], payload["before"], payload["after"]
+    target = f"target density {th['target_density']:g}" if th["target_density"] is not None else "one τ"
+    print(f"{args.run}: {th['mode']} thresholds, {target}, calibrated on {th['calibration']['samples']} training "
+          f"samples ({th['calibration']['tokens']:,} tokens): calibration density {pct(th['calibration']['density'])}")
+    print(format_table(["", payload["main_metric"], "exact density", "union/seq"],
+                       [(name, f"{100 * r['metric']:.2f}", pct(r["density"]), pct(r["union_density"]))
+                        for name, r in (("before", before), ("after", after))]))
+    print(f"{after['split']} ({after['samples']} examples); thresholded run saved in {args.output} "
+          f"(deft eval / density / energy / prune / export load it with its thresholds)")
+    return 0
+
+
+def cmd_density_sweep(args) -> int:
+    from pathlib import Path as _Path
+
+    from ..deploy import density_sweep, plot_density_sweep
+
+    payload = density_sweep(args.run, args.densities, mode=args.mode, calibration_samples=args.calibration_samples,
+                            max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir)
+    out = _Path(args.output)
+    write_json(out / "sweep.json", payload)
+    plot_density_sweep(payload, out / "sweep.png")
+    print(f"wrote {out / 'sweep.png'}\n")
+    rows = [(e["label"], f"{p['target_density']:.2f}", pct(p["deployed_density"]), pct(p["union_density"]),
+             f"{100 * p['metric']:.2f}") for e in payload["runs"] for p in e["points"]]
+    print(format_table(["run", "target", "deployed density", "union/seq", payload["runs"][0]["main_metric"]], rows))
+    return 0
+
+
+def _threshold_options(p) -> None:
+    from ..deploy import DEFAULT_CALIBRATION_SAMPLES
+
+    p.add_argument("--mode", default="uniform", choices=("uniform", "global"),
+                   help="uniform: every layer at the target density; global: one τ whose mean layer density is the "
+                        "target (default uniform)")
+    p.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
+                   help=f"training examples the thresholds are calibrated on (default {DEFAULT_CALIBRATION_SAMPLES})")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluation examples (default: the run's evaluation subset; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, else $DEFT_DATA_DIR)")
+
+
 def add_commands(sub) -> None:
     from ..adaptive import DEFAULT_SKIP_THRESHOLD
     from ..deploy import DEFAULT_CURVE
+
+    from ..deploy import DEFAULT_DENSITIES
+
+    p = sub.add_parser("sparsify", help="calibrate activation thresholds: exact zeros at a target density",
+                       description="Zeroes |a| <= τ_l at every MLP activation, τ_l calibrated on the run's training "
+                                   "data, and writes a run that loads with its thresholds.")
+    p.add_argument("--run", required=True, help="run directory (deft train)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--density", type=float, help="target exact density in (0, 1], e.g. 0.3")
+    target.add_argument("--tau", type=float, help="one threshold τ >= 0 for every layer instead")
+    _threshold_options(p)
+    p.add_argument("--force", action="store_true", help="calibrate afresh a run that already has thresholds")
+    p.add_argument("--output", required=True, help="directory of the thresholded run")
+    p.set_defaults(func=cmd_sparsify)
+
+    p = sub.add_parser("density-sweep", help="metric against deployed exact density, thresholds at each target")
+    p.add_argument("--run", action="append", required=True, help="a run to sweep (repeat: --run PEFT --run DEFT)")
+    p.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES),
+                   help=f"target densities (1 = untouched; default {' '.join(f'{d:g}' for d in DEFAULT_DENSITIES)})")
+    _threshold_options(p)
+    p.add_argument("--output", required=True, help="directory for sweep.json and sweep.png")
+    p.set_defaults(func=cmd_density_sweep)
 
     p = sub.add_parser("export", help="standalone model directory: skipped MLP blocks gone, LoRA merged")
     p.add_argument("--run", required=True, help="run directory (deft train)")

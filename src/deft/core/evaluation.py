@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .capture import ActivationCapture
 from .metrics import DensityMeter, DensityReport
 from .sites import SiteMap, find_sites
+from .thresholds import applied_thresholds
 
 
 @dataclass
@@ -43,7 +44,9 @@ def evaluate(model: nn.Module, loader: DataLoader, *, sites: SiteMap | None = No
                     labels.append(gold.cpu())
     finally:
         model.train(was_training)
+    report = meter.result()
+    report.thresholds = applied_thresholds(model)
     return EvalOutput(
         logits=torch.cat(logits).numpy() if logits else np.zeros((0,)),
         labels=torch.cat(labels).numpy() if labels else None,
-        density=meter.result())
+        density=report)

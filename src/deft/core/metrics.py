@@ -135,6 +135,9 @@ class DensityReport:
 
     per_layer: list[dict]
     threshold: float
+    #: The activation thresholds the model ran with (``deft.core.thresholds``), None: none —
+    #: so every density block says whether its zeros are the deployed model's.
+    thresholds: dict | None = None
 
     def _stack_mean(self, key: str, stack: str | None) -> float | None:
         return _mean([row[key] for row in self.per_layer if stack is None or row["stack"] == stack])
@@ -157,6 +160,7 @@ class DensityReport:
             "per_layer": self.per_layer,
             "threshold": {"tau": self.threshold, **above},
             "union": union,
+            "thresholds": self.thresholds,
             # real tokens seen by each stack (every layer of a stack sees the same tokens)
             "tokens": {s: next((r["tokens"] for r in self.per_layer if r["stack"] == s), None) for s in STACKS},
         }

@@ -1,12 +1,18 @@
 """What turns a trained run into something that runs: the inference form and export/load
 (:mod:`~deft.deploy.export`), measurement of a deployed model (:mod:`~deft.deploy.measure`) and
-the ADA-DEFT inference benchmark (:mod:`~deft.deploy.bench`)."""
+the ADA-DEFT inference benchmark (:mod:`~deft.deploy.bench`), activation thresholds calibrated
+for a run (:mod:`~deft.deploy.sparsify`) and the metric against deployed density
+(:mod:`~deft.deploy.sweep`)."""
 
 from .bench import DEFAULT_CURVE, bench_inference
 from .export import (EXPORT_INFO_FILE, EXPORT_VARIANT, PEFT_EXPORT_DIR, export_model, export_run, fold_alphas,
                      load_exported, prepare_for_inference, read_export_info)
 from .measure import model_bytes, peak_memory_of_export, timed_pass
+from .sparsify import DEFAULT_CALIBRATION_SAMPLES, choose_thresholds, collect_magnitudes, sparsify_run
+from .sweep import DEFAULT_DENSITIES, density_sweep, plot_density_sweep
 
 __all__ = ["DEFAULT_CURVE", "EXPORT_INFO_FILE", "EXPORT_VARIANT", "PEFT_EXPORT_DIR", "bench_inference", "export_model",
            "export_run", "fold_alphas", "load_exported", "model_bytes", "peak_memory_of_export",
-           "prepare_for_inference", "read_export_info", "timed_pass"]
+           "prepare_for_inference", "read_export_info", "timed_pass", "DEFAULT_CALIBRATION_SAMPLES",
+           "choose_thresholds", "collect_magnitudes", "sparsify_run", "DEFAULT_DENSITIES", "density_sweep",
+           "plot_density_sweep"]

@@ -27,6 +27,7 @@ from ..adaptive import (DEFAULT_SKIP_THRESHOLD, AdaptiveError, ConstantProjectio
                         ZeroProjection, adaptive_weights, skip_blocks, skipped_sites)
 from ..core.layers import float_dtype, out_features, set_module, unwrap_model
 from ..core.sites import ActivationSite, find_sites
+from ..core.thresholds import Thresholds, applied_thresholds, apply_thresholds, thresholded_modules
 from ..methods import BottleneckAdapter, applied_method, config_to_dict
 from ..training import load_run
 
@@ -128,6 +129,8 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
     standalone directory (see the module doc). ``model`` is consumed: it is skipped, merged and
     folded in place. Returns the ``deft_export.json`` content."""
     record = applied_method(model)
+    thresholds = {path: m.tau for path, m in thresholded_modules(model).items()}
+    threshold_summary = applied_thresholds(model)
     if adaptive_weights(model) is None:
         threshold = None  # no α: nothing can be chosen for skipping, the export only merges
     model, _, info = prepare_for_inference(model, threshold, merge=True)
@@ -142,7 +145,9 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
         model.save_pretrained(str(out / PEFT_EXPORT_DIR))
     base = unwrap_model(model)
     _resolve_modules_to_save(base)
-    structured = bool(removed) or method == "adapter"
+    # Thresholds hold no weights: a plain from_pretrained would drop them silently, so a thresholded
+    # export is stored under the deft variant, which only load_exported (re-applying them) reads.
+    structured = bool(removed) or method == "adapter" or bool(thresholds)
     variant = EXPORT_VARIANT if structured else None
     with _quiet_transformers():
         base.save_pretrained(str(out), variant=variant)
@@ -154,6 +159,7 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
         "skip_threshold": threshold, "skipped": [s.to_dict() for s in removed], "alphas": info["alphas"],
         "lora_merged": info["merged"], "alphas_folded": info["alphas_folded"], "weights_variant": variant,
         "peft_dir": peft_dir,
+        "thresholds": {**threshold_summary, "taus": thresholds} if thresholds else None,
         "load_with": ("transformers" if peft_dir is None else "transformers + peft") if not structured
         else "deft.deploy.load_exported",
         "parameters": sum(p.numel() for p in unwrap_model(model).parameters()),
@@ -229,6 +235,10 @@ def load_exported(directory: str | Path) -> nn.Module:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(directory / info["peft_dir"]))
+    if info.get("thresholds"):
+        th = info["thresholds"]
+        apply_thresholds(model, Thresholds(taus=th["taus"], mode=th["mode"], target_density=th["target_density"],
+                                           point=th["point"]))
     model.requires_grad_(False)
     model.eval()
     return model

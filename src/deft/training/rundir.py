@@ -8,6 +8,8 @@
     results.json              task, model, method, mode, seed, metrics, density, trainable_params, ...
     pruned_model.safetensors  `deft prune`: every weight of the pruned model, as it runs
     prune.json                `deft prune`: how it was pruned, per-layer sparsity, metric, density
+    thresholds.json           `deft sparsify`: activation thresholds, re-applied on every load
+    sparsify.json             `deft sparsify`: calibration, metric and density before and after
 
 A run derived from another (``deft prune``) carries over every part that rebuilds the model
 (:data:`RunDir.MODEL_PARTS`) through :meth:`RunDir.derive`, so whatever a run holds, its
@@ -31,6 +33,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adaptive import ADAPTIVE_DIR
+from ..core.thresholds import THRESHOLDS_FILE, Thresholds, apply_thresholds
 from ..methods import merge_peft
 
 
@@ -45,8 +48,9 @@ class RunDir:
     RESULTS = "results.json"
     PRUNED_WEIGHTS = "pruned_model.safetensors"
     PRUNE_INFO = "prune.json"
+    THRESHOLDS = THRESHOLDS_FILE
     #: What rebuilds the trained model; a derived run copies all of it.
-    MODEL_PARTS = (CONFIG, METHOD, ADAPTIVE, PRUNED_WEIGHTS)
+    MODEL_PARTS = (CONFIG, METHOD, ADAPTIVE, PRUNED_WEIGHTS, THRESHOLDS)
 
     def __init__(self, path: "str | Path | RunDir"):
         self.path = Path(path)
@@ -129,6 +133,11 @@ class RunDir:
         # save_model (not save_file) copes with tied weights, e.g. an LM head sharing the embeddings.
         save_model(model, str(self.path / self.PRUNED_WEIGHTS))
         self.write_json(self.PRUNE_INFO, info)
+
+    def apply_thresholds(self, model: nn.Module) -> nn.Module:
+        """``model`` with the run's activation thresholds, if it has any."""
+        thresholds = Thresholds.load(self.path)
+        return apply_thresholds(model, thresholds) if thresholds is not None else model
 
     def apply_pruned(self, model: nn.Module) -> nn.Module:
         """For a pruned run: ``model`` (the rebuilt run) merged as pruning merged it, with the

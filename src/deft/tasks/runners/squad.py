@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from ...core.capture import ActivationCapture
 from ...core.metrics import DensityMeter
 from ...core.sites import find_sites
+from ...core.thresholds import applied_thresholds
 from ..squad import default_splits, load_squad, split_note, squad_metrics
 from .base import TaskEvaluation, TaskRunner
 
@@ -198,7 +199,9 @@ class SquadRunner(TaskRunner):
         if world > 1:
             answers = _gather_strided(answers, world, len(examples))
         metrics = squad_metrics(answers, [a["text"] for a in examples["answers"]])
-        return TaskEvaluation(metrics=metrics, density=meter.result().to_dict(), split="", samples=len(examples),
+        report = meter.result()
+        report.thresholds = applied_thresholds(model)
+        return TaskEvaluation(metrics=metrics, density=report.to_dict(), split="", samples=len(examples),
                               extra={"form": self.form})
 
     def final_metrics(self, trainer, eval_set) -> dict:

@@ -1,0 +1,144 @@
+"""Activation thresholds as part of a model: |a| ≤ τ_l becomes exactly 0 (TEAL / CATS).
+
+A threshold sits on σ's output of each MLP block (for gated MLPs the gate σ(X W_g), CATS'
+choice): :class:`ThresholdedActivation` wraps the activation module, so every consumer — the
+down projection, the capture hooks, a sparse kernel — sees the exact zeros. With ADA-DEFT's α on
+the block, the threshold wraps σ inside α (τ in σ's units; α·0 = 0).
+
+The thresholds of a run are data (:class:`Thresholds`, saved as ``thresholds.json`` in the run
+directory): they are calibrated offline (:mod:`deft.deploy.sparsify`) and re-applied whenever
+the run is loaded, so evaluation, density, energy, pruning and export all see the deployed model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layers import ActivationWrapper, set_module, unwrap_model
+from .sites import find_sites
+
+THRESHOLDS_FILE = "thresholds.json"
+MODES = ("uniform", "global", "tau")
+
+
+class ThresholdedActivation(ActivationWrapper):
+    """``inner(x)`` with every entry of magnitude ≤ ``tau`` set to exactly 0."""
+
+    def __init__(self, inner: nn.Module, tau: float, summary: dict | None = None):
+        super().__init__()
+        self.inner = inner
+        self.tau = float(tau)
+        self.summary = summary  # how τ was chosen (Thresholds.summary()), for density reports
+
+    def forward(self, *args, **kwargs):
+        a = self.inner(*args, **kwargs)
+        return a.masked_fill(a.abs() <= self.tau, 0)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau:.6g}"
+
+
+@dataclass
+class Thresholds:
+    """Per-site thresholds of a model (site path → τ) and how they were chosen.
+
+    ``mode``: ``uniform`` (every layer at ``target_density``: τ_l the (1 − d) quantile of |a_l|),
+    ``global`` (one τ for all layers, chosen so the mean layer density is ``target_density``) or
+    ``tau`` (one τ given by hand). ``calibration``: what the calibration measured (samples,
+    tokens, the density each layer had at its τ).
+    """
+
+    taus: dict[str, float]
+    mode: str
+    target_density: float | None = None
+    point: str = "act"
+    calibration: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown threshold mode {self.mode!r}; choose one of {MODES}")
+        if self.point != "act":
+            raise ValueError("thresholds sit on σ's output (point 'act'); the gated product is not supported yet")
+        bad = {k: v for k, v in self.taus.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"thresholds must be >= 0, got {bad}")
+
+    def summary(self) -> dict:
+        """What a density report says about the thresholds it was measured under."""
+        return {"mode": self.mode, "target_density": self.target_density, "point": self.point}
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / THRESHOLDS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Thresholds | None":
+        path = Path(directory) / THRESHOLDS_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def _threshold_path(base: nn.Module, path: str) -> str:
+    """Where a threshold goes for the site at ``path``: σ itself, inside any α or threshold wrapper."""
+    module = base.get_submodule(path)
+    while isinstance(module, ActivationWrapper) and not isinstance(module, ThresholdedActivation):
+        path, module = f"{path}.inner", module.inner
+    return path
+
+
+def thresholded_modules(model: nn.Module) -> dict[str, ThresholdedActivation]:
+    """Site path → its threshold module, for the sites of ``model`` that have one."""
+    base = unwrap_model(model)
+    found = {}
+    for site in find_sites(model, "act"):
+        module = base.get_submodule(_threshold_path(base, site.module))
+        if isinstance(module, ThresholdedActivation):
+            found[site.module] = module
+    return found
+
+
+def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> nn.Module:
+    """Put ``thresholds`` into ``model`` (in place; replaces thresholds already there)."""
+    base = unwrap_model(model)
+    sites = {s.module: s for s in find_sites(model, "act")}
+    unknown = sorted(set(thresholds.taus) - set(sites))
+    if unknown:
+        raise ValueError(f"thresholds for {unknown[:3]} do not fit this model (its sites: {sorted(sites)[:3]} ...)")
+    remove_thresholds(model)
+    for path, tau in thresholds.taus.items():
+        inner_path = _threshold_path(base, path)
+        set_module(base, inner_path, ThresholdedActivation(base.get_submodule(inner_path), tau, thresholds.summary()))
+    return model
+
+
+def remove_thresholds(model: nn.Module) -> nn.Module:
+    """The model without thresholds (in place)."""
+    base = unwrap_model(model)
+    for path in thresholded_modules(model):
+        inner_path = _threshold_path(base, path)
+        set_module(base, inner_path, base.get_submodule(inner_path).inner)
+    return model
+
+
+def applied_thresholds(model: nn.Module) -> dict | None:
+    """The summary of the thresholds ``model`` runs with (None: none) — for density reports."""
+    modules = thresholded_modules(model)
+    if not modules:
+        return None
+    return next(iter(modules.values())).summary or {"mode": "unknown", "target_density": None, "point": "act"}
+
+
+@torch.no_grad()
+def quantile_of_magnitudes(values: torch.Tensor, q: float) -> float:
+    """The ``q`` quantile of ``values`` (1-D, |a| samples) by order statistic: the share of values
+    strictly above the result is at most 1 − q."""
+    if values.numel() == 0:
+        return 0.0
+    k = min(values.numel(), max(1, int(round(q * values.numel()))))
+    return float(values.kthvalue(k).values)
