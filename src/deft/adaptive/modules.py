@@ -21,6 +21,8 @@ class ScaledActivation(ActivationWrapper):
     activation's dtype in the forward.
     """
 
+    scales_inner = True  # α · inner(x): a threshold on σ goes inside
+
     def __init__(self, inner: nn.Module, alpha: float, lr_scale: float = 1.0, device=None, *,
                  initial: float | None = None, config=None):
         super().__init__()

@@ -75,6 +75,26 @@ def train_args(p):
                    help="ADA-PEFT / ADA-DEFT: a trainable weight α per MLP block (blocks can then be skipped)")
     p.add_argument("--ada-lr-scale", type=float, default=None,
                    help=f"α learns this many times faster (Adam; default {d('ada_lr_scale'):g})")
+    g = p.add_argument_group("training for deployment (exact zeros a kernel can skip; README, Deployed sparsity)")
+    g.add_argument("--density-form", default=None, choices=("token", "sequence"),
+                   help="density term per entry (token, default) or per neuron's RMS over a sequence's real tokens "
+                        "(sequence: silences neurons for whole sequences)")
+    g.add_argument("--eps-final", type=float, default=None,
+                   help="anneal the l0 ε geometrically from --eps to this value over training")
+    g.add_argument("--train-density", type=float, default=None,
+                   help="threshold in the loop: zero |a| <= τ_l in the forward at this target density (0, 1]; "
+                        "τ_l re-calibrated during training and saved with the run")
+    g.add_argument("--train-density-start", type=float, default=None,
+                   help=f"... ramped from this density (default {d('train_density_start'):g})")
+    g.add_argument("--train-density-ramp", type=float, default=None,
+                   help=f"... over this share of the steps (default {d('train_density_ramp'):g})")
+    g.add_argument("--tau-every", type=int, default=None,
+                   help=f"steps between re-calibrations of τ (default {d('tau_every')})")
+    g.add_argument("--no-ste", action="store_true",
+                   help="block the gradient at zeroed entries (default: straight-through)")
+    g.add_argument("--activation", default=None, choices=("relu", "shifted-relu"),
+                   help="ReLU-fication: replace the MLP activation before training")
+    g.add_argument("--activation-shift", type=float, default=None, help="b of the shifted ReLU max(0, x − b)")
 
 
 # Command groups that live in their own modules; each module has add_commands(subparsers).

@@ -79,9 +79,13 @@ TRAIN_OPTIONS = {
     "max_length": "max_length", "max_eval_samples": "max_eval_samples", "lambda_warmup": "lambda_warmup",
     "grad_accum": "gradient_accumulation_steps", "threshold": "threshold", "evals_per_epoch": "evals_per_epoch",
     "seed": "seed", "data_dir": "data_dir", "point": "site_point", "ada_lr_scale": "ada_lr_scale",
+    "activation": "activation", "activation_shift": "activation_shift", "train_density": "train_density",
+    "train_density_start": "train_density_start", "train_density_ramp": "train_density_ramp",
+    "tau_every": "tau_every",
 }
 DENSITY_OPTIONS = {"lam": "weight", "approx": "approx", "eps": "eps", "beta": "beta",
-                   "encoder_weight": "encoder_weight", "decoder_weight": "decoder_weight"}
+                   "encoder_weight": "encoder_weight", "decoder_weight": "decoder_weight",
+                   "density_form": "form", "eps_final": "eps_final"}
 
 
 def train_config(args):
@@ -104,6 +108,8 @@ def train_config(args):
     for flag in ("gradient_checkpointing", "ada"):
         if getattr(args, flag, False):
             given[flag] = True
+    if getattr(args, "no_ste", False):
+        given["ste"] = False
     return TrainConfig(**given)
 
 

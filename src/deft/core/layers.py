@@ -8,6 +8,8 @@ adapter). bitsandbytes' 4-bit ``Linear4bit`` is an ``nn.Linear`` whose weight is
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -91,7 +93,11 @@ class ActivationWrapper(nn.Module):
 
     Site discovery recognises subclasses as activations, so wrapping σ never hides a site.
     Unknown attribute reads are forwarded to ``inner`` (model code may inspect its activation).
+    ``scales_inner``: the output is ``inner``'s output times a factor (ADA's α), so zeros placed
+    inside it stay zeros; a threshold then goes inside, on σ itself.
     """
+
+    scales_inner: ClassVar[bool] = False
 
     def __getattr__(self, name: str):
         try:

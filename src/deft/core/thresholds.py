@@ -13,6 +13,7 @@ the run is loaded, so evaluation, density, energy, pruning and export all see th
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,10 @@ from .layers import ActivationWrapper, set_module, unwrap_model
 from .sites import find_sites
 
 THRESHOLDS_FILE = "thresholds.json"
-MODES = ("uniform", "global", "tau")
+MODES = ("uniform", "global", "tau", "trained")
+#: Magnitudes kept per layer (a random subset beyond this): quantiles from 2M samples are exact
+#: to well under a density point, and memory stays bounded on wide models.
+MAX_VALUES_PER_SITE = 2_000_000
 
 
 class ThresholdedActivation(ActivationWrapper):
@@ -49,7 +53,8 @@ class Thresholds:
 
     ``mode``: ``uniform`` (every layer at ``target_density``: τ_l the (1 − d) quantile of |a_l|),
     ``global`` (one τ for all layers, chosen so the mean layer density is ``target_density``) or
-    ``tau`` (one τ given by hand). ``calibration``: what the calibration measured (samples,
+    ``tau`` (one τ given by hand) or ``trained`` (the in-loop thresholds a run trained with).
+    ``calibration``: what the calibration measured (samples,
     tokens, the density each layer had at its τ).
     """
 
@@ -84,10 +89,11 @@ class Thresholds:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def _threshold_path(base: nn.Module, path: str) -> str:
-    """Where a threshold goes for the site at ``path``: σ itself, inside any α or threshold wrapper."""
+def threshold_path(base: nn.Module, path: str) -> str:
+    """Where a threshold goes for the site at ``path``: on σ's output, inside wrappers that only
+    scale it (ADA's α); around anything else (a ReLU-fied σ, a skipped block)."""
     module = base.get_submodule(path)
-    while isinstance(module, ActivationWrapper) and not isinstance(module, ThresholdedActivation):
+    while isinstance(module, ActivationWrapper) and module.scales_inner:
         path, module = f"{path}.inner", module.inner
     return path
 
@@ -97,7 +103,7 @@ def thresholded_modules(model: nn.Module) -> dict[str, ThresholdedActivation]:
     base = unwrap_model(model)
     found = {}
     for site in find_sites(model, "act"):
-        module = base.get_submodule(_threshold_path(base, site.module))
+        module = base.get_submodule(threshold_path(base, site.module))
         if isinstance(module, ThresholdedActivation):
             found[site.module] = module
     return found
@@ -112,7 +118,7 @@ def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> nn.Module:
         raise ValueError(f"thresholds for {unknown[:3]} do not fit this model (its sites: {sorted(sites)[:3]} ...)")
     remove_thresholds(model)
     for path, tau in thresholds.taus.items():
-        inner_path = _threshold_path(base, path)
+        inner_path = threshold_path(base, path)
         set_module(base, inner_path, ThresholdedActivation(base.get_submodule(inner_path), tau, thresholds.summary()))
     return model
 
@@ -121,7 +127,7 @@ def remove_thresholds(model: nn.Module) -> nn.Module:
     """The model without thresholds (in place)."""
     base = unwrap_model(model)
     for path in thresholded_modules(model):
-        inner_path = _threshold_path(base, path)
+        inner_path = threshold_path(base, path)
         set_module(base, inner_path, base.get_submodule(inner_path).inner)
     return model
 
@@ -142,3 +148,34 @@ def quantile_of_magnitudes(values: torch.Tensor, q: float) -> float:
         return 0.0
     k = min(values.numel(), max(1, int(round(q * values.numel()))))
     return float(values.kthvalue(k).values)
+
+
+class MagnitudeSampler:
+    """Collects |a| on real tokens per site; fed by :class:`~deft.core.capture.ActivationCapture`
+    in place of a density meter."""
+
+    def __init__(self, n_sites: int, scale: Sequence[float] | None = None):
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(n_sites)]
+        self.scale = list(scale) if scale is not None else [1.0] * n_sites
+        self.tokens = 0
+
+    @torch.no_grad()
+    def update(self, index: int, act: torch.Tensor, mask: torch.Tensor) -> None:
+        values = act[mask].abs().float().reshape(-1)
+        self.values[index].append((values / self.scale[index]).cpu())
+        if index == 0:
+            self.tokens += int(mask.sum())
+
+    def end_sequences(self) -> None:  # the capture's meter protocol; nothing per sequence here
+        pass
+
+    def result(self, seed: int = 0) -> list[torch.Tensor]:
+        """One 1-D tensor of magnitudes per site (a random subset if there are too many)."""
+        out = []
+        generator = torch.Generator().manual_seed(seed)
+        for chunks in self.values:
+            values = torch.cat(chunks) if chunks else torch.zeros(0)
+            if values.numel() > MAX_VALUES_PER_SITE:
+                values = values[torch.randperm(values.numel(), generator=generator)[:MAX_VALUES_PER_SITE]]
+            out.append(values)
+        return out

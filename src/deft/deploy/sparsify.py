@@ -24,45 +24,12 @@ from ..adaptive import adaptive_weights
 from ..core.batches import call_model, model_device, move_batch
 from ..core.capture import ActivationCapture
 from ..core.sites import find_sites
-from ..core.thresholds import Thresholds, apply_thresholds, quantile_of_magnitudes, remove_thresholds
+from ..core.thresholds import (MagnitudeSampler, Thresholds, apply_thresholds, quantile_of_magnitudes,
+                               remove_thresholds)
 from ..tasks.runners.glue import GlueRunner, without_labels
 from ..training import RunDir, TrainConfig, load_run, task_runner
 
 DEFAULT_CALIBRATION_SAMPLES = 256
-#: Magnitudes kept per layer (a random subset beyond this): quantiles from 2M samples are exact
-#: to well under a density point, and memory stays bounded on wide models.
-MAX_VALUES_PER_SITE = 2_000_000
-
-
-class MagnitudeSampler:
-    """Collects |a| on real tokens per site; fed by :class:`~deft.core.capture.ActivationCapture`
-    in place of a density meter."""
-
-    def __init__(self, n_sites: int, scale: Sequence[float] | None = None):
-        self.values: list[list[torch.Tensor]] = [[] for _ in range(n_sites)]
-        self.scale = list(scale) if scale is not None else [1.0] * n_sites
-        self.tokens = 0
-
-    @torch.no_grad()
-    def update(self, index: int, act: torch.Tensor, mask: torch.Tensor) -> None:
-        values = act[mask].abs().float().reshape(-1)
-        self.values[index].append((values / self.scale[index]).cpu())
-        if index == 0:
-            self.tokens += int(mask.sum())
-
-    def end_sequences(self) -> None:  # the capture's meter protocol; nothing per sequence here
-        pass
-
-    def result(self, seed: int = 0) -> list[torch.Tensor]:
-        """One 1-D tensor of magnitudes per site (a random subset if there are too many)."""
-        out = []
-        generator = torch.Generator().manual_seed(seed)
-        for chunks in self.values:
-            values = torch.cat(chunks) if chunks else torch.zeros(0)
-            if values.numel() > MAX_VALUES_PER_SITE:
-                values = values[torch.randperm(values.numel(), generator=generator)[:MAX_VALUES_PER_SITE]]
-            out.append(values)
-        return out
 
 
 def check_request(density: float | None, tau: float | None, mode: str, calibration_samples: int) -> None:

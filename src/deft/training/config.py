@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from ..core.loss import DensityLossConfig
+from ..core.relufication import check_activation
 from ..tasks import get_task
 
 MODES = ("peft", "deft")
@@ -78,6 +79,14 @@ class TrainConfig:
     ada_init: float = 0.8
     ada_init_std: float = 0.05
     ada_lr_scale: float = 1.0  # α moves this many times faster than the PEFT modules (Adam)
+    # Training for deployment (deft.training.schedules, deft.core.relufication).
+    activation: str | None = None  # "relu" / "shifted-relu": replace σ before training (ReLU-fication)
+    activation_shift: float = 0.0  # b of the shifted ReLU max(0, x − b)
+    train_density: float | None = None  # threshold in the loop: target density of the forward's zeros
+    train_density_start: float = 1.0  # ... ramped linearly from this density
+    train_density_ramp: float = 0.5  # ... over this share of the steps
+    tau_every: int = 10  # steps between re-calibrations of the in-loop thresholds
+    ste: bool = True  # straight-through gradient at the zeroed entries (False: blocked, as ReLU)
 
     def __post_init__(self):
         if isinstance(self.density, dict):
@@ -96,6 +105,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("train for epochs > 0 or max_steps > 0")
+        check_activation(self.activation, self.activation_shift)
+        if self.train_density is not None:
+            if not 0 < self.train_density <= 1:
+                raise ValueError(f"train_density is a share of active entries in (0, 1], got {self.train_density}")
+            if not self.train_density <= self.train_density_start <= 1:
+                raise ValueError(f"train_density_start must lie in [train_density, 1], got {self.train_density_start}")
+            if not 0 <= self.train_density_ramp <= 1:
+                raise ValueError(f"train_density_ramp is a share of the steps in [0, 1], got {self.train_density_ramp}")
+            if self.tau_every < 1:
+                raise ValueError(f"tau_every must be >= 1, got {self.tau_every}")
 
     @property
     def density_loss(self) -> DensityLossConfig | None:

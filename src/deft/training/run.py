@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from ..adaptive import AdaptiveConfig, apply_adaptive, checkpoint_callback, frozen_alphas, load_adaptive
+from ..core.relufication import relufy
 from ..core.sites import find_sites
 from ..io.models import ensure_pad_token, load_tokenizer, resolve_model_path
 from ..methods import get_method, trainable_parameters
 from ..tasks.runners import TaskRunner, runner_for
 from .config import TrainConfig
 from .rundir import RunDir
+from .schedules import add_in_loop_thresholds, epsilon_schedule, threshold_schedule, to_deployed
 from .trainer import make_deft_trainer
 
 
@@ -52,6 +54,7 @@ def build_model(config: TrainConfig, tokenizer, runner: TaskRunner):
     finally:
         hf_logging.set_verbosity(verbosity)
     ensure_pad_token(model, tokenizer)
+    relufy(model, config.activation, config.activation_shift)  # before the method: its modules stay as they are
     return method, method_config, model
 
 
@@ -81,6 +84,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     adaptive = apply_adaptive(model, sites, AdaptiveConfig(
         init=config.ada_init, init_std=config.ada_init_std, seed=config.seed,
         lr_scale=config.ada_lr_scale)) if config.ada else None
+    in_loop = add_in_loop_thresholds(model, sites, config.ste, config.train_density) \
+        if config.train_density is not None else {}
     trainable, total = trainable_parameters(model)
     train_set, dev_set = runner.datasets(tokenizer)
 
@@ -121,6 +126,12 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         processing_class=tokenizer,
         callbacks=[checkpoint_callback(adaptive)] if adaptive else None,
     )
+    if in_loop:
+        trainer.add_callback(threshold_schedule(
+            model, sites, in_loop, target=config.train_density, start=config.train_density_start,
+            ramp=config.train_density_ramp, every=config.tau_every, total_steps=total_steps))
+    if config.density_loss is not None and config.density.eps_final is not None:
+        trainer.add_callback(epsilon_schedule(trainer.capture, config.density, total_steps))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     started = time.perf_counter()
     if adaptive and checkpoint and (Path(checkpoint) / RunDir.ADAPTIVE).is_dir():
@@ -128,6 +139,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     trainer.capture.detach()
+    thresholds = to_deployed(model, in_loop, config.train_density) if in_loop else None
 
     metrics = runner.final_metrics(trainer, dev_set)
     main_process = trainer.is_world_process_zero()  # under torchrun every rank gets here; one writes
@@ -136,6 +148,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
             method.save(model, run / RunDir.METHOD)
         if adaptive:
             adaptive.save(run / RunDir.ADAPTIVE)
+        if thresholds is not None:  # the run loads with the thresholds it trained with
+            thresholds.save(run.path)
         run.write_json(RunDir.HISTORY, trainer.state.log_history)
     results = {
         "task": task.name, "model": config.model, "method": config.method, "mode": config.mode,
@@ -146,6 +160,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         "train_samples": len(train_set), "eval_samples": len(dev_set), "resumed_from": checkpoint,
         **runner.result_fields(),
         "alphas": adaptive.report() if adaptive else None,
+        "thresholds": {**thresholds.summary(), "taus": thresholds.taus} if thresholds is not None else None,
         "config": config.to_dict(),
     }
     if main_process:

@@ -14,6 +14,7 @@ from ..core.capture import ActivationCapture
 from ..core.loss import DensityLossConfig, combine_terms
 from ..core.metrics import DensityMeter
 from ..core.sites import SiteMap
+from ..core.thresholds import applied_thresholds
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,7 +136,9 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
             # Under torchrun each rank saw its shard of the evaluation set: sum the counts, so the
             # density is over the whole set (as the gathered metric is).
             meter.sync_processes()
-            report = meter.result().to_dict()
+            result = meter.result()
+            result.thresholds = applied_thresholds(self.model)
+            report = result.to_dict()
             output.metrics[f"{prefix}_density"] = report["overall"]
             output.metrics[f"{prefix}_density_threshold"] = report["threshold"]["overall"]
             output.metrics[f"{prefix}_union_density"] = report["union"]["overall"]

@@ -1,0 +1,173 @@
+"""Training for deployment: threshold in the loop (straight-through), ReLU-fication, ε annealing,
+the sequence-shared density term — by hand on small tensors, two steps on every family, and end
+to end through `train` / `load_run`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TEXT_FAMILIES, make_inputs, make_model
+
+from deft.core.approx import L0Approx
+from deft.core.capture import ActivationCapture
+from deft.core.loss import DensityLossConfig, combine_terms, site_term
+from deft.core.metrics import DensityMeter
+from deft.core.relufication import ReLUfied, relufy
+from deft.core.sites import find_sites
+from deft.core.thresholds import MagnitudeSampler, quantile_of_magnitudes, thresholded_modules
+from deft.methods import get_method
+from deft.training import RunDir, TrainConfig, load_run, train
+from deft.training.schedules import InLoopThreshold, add_in_loop_thresholds, epsilon_schedule
+
+
+def test_straight_through_passes_the_gradient_where_the_forward_zeroes():
+    x = torch.tensor([-2.0, -0.05, 0.02, 0.5, 3.0], requires_grad=True)
+    for ste, expected in ((True, [1.0, 1.0, 1.0, 1.0, 1.0]), (False, [1.0, 0.0, 0.0, 1.0, 1.0])):
+        module = InLoopThreshold(torch.nn.Identity(), ste=ste)
+        module.tau = 0.1
+        module.train()
+        out = module(x)
+        assert out.tolist() == [-2.0, 0.0, 0.0, 0.5, 3.0]
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.tolist() == expected
+    module.eval()  # evaluation: the deployed threshold, exact zeros
+    assert module(x).tolist() == [-2.0, 0.0, 0.0, 0.5, 3.0]
+
+
+def test_sequence_form_by_hand():
+    act = torch.tensor([[[3.0, 0.0], [4.0, 0.0], [9.0, 9.0]]])  # (1, 3, 2); last token is padding
+    mask = torch.tensor([[True, True, False]])
+    eps = 1.0
+    cfg = DensityLossConfig(weight=1.0, eps=eps, form="sequence")
+    total, count = site_term(act, mask, cfg.build_approx())
+    mean_sq = [(9 + 16) / 2, 0.0]  # RMS² per neuron over the two real tokens
+    assert count == 2
+    assert float(total) == pytest.approx(sum(m / (m + eps) for m in mean_sq))
+    token, _ = site_term(act, mask, DensityLossConfig(weight=1.0, eps=eps).build_approx())
+    assert float(token) == pytest.approx(9 / 10 + 16 / 17)  # the per-entry form differs
+
+
+def test_epsilon_anneals_geometrically():
+    cfg = DensityLossConfig(eps=0.1, eps_final=1e-3)
+    assert [cfg.eps_at(p) for p in (0, 0.5, 1)] == pytest.approx([0.1, 0.01, 1e-3])
+    model = make_model("bert")
+    capture = ActivationCapture(model, find_sites(model), approx=cfg.build_approx())
+    callback = epsilon_schedule(capture, cfg, total_steps=10)
+
+    class State:
+        global_step = 5
+
+    callback.on_step_begin(None, State(), None)
+    assert isinstance(capture.approx, L0Approx) and capture.approx.eps == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="eps_final"):
+        DensityLossConfig(approx="tanh", eps_final=1e-3)
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_relufication_gives_exact_zeros_on_every_family(family):
+    model = make_model(family)
+    inputs = make_inputs(family, batch=2, length=8)
+    relufy(model, "shifted-relu", 0.05)
+    sites = find_sites(model)
+    assert all(isinstance(model.get_submodule(s.module), ReLUfied) for s in sites)
+    meter = DensityMeter(sites.sites)
+    with torch.no_grad(), ActivationCapture(model, sites, meter=meter):
+        model(**inputs)
+    assert 0 < meter.result().overall < 0.6  # ReLU zeroes about half; the shift more
+    with pytest.raises(ValueError, match="already wrapped"):
+        relufy(model, "relu")
+    with pytest.raises(ValueError, match="unknown --activation"):
+        relufy(make_model(family), "swish")
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_straight_through_training_runs_two_steps_on_every_family(family):
+    """LoRA + in-loop thresholds at density 0.3 + the density loss: the forward has the exact zeros
+    of the target, the gradient reaches the LoRA weights through them, two optimizer steps run."""
+    model = get_method("lora").apply(make_model(family), {"include_mlp": True}, task_type=None)
+    sites = find_sites(model)
+    modules = add_in_loop_thresholds(model, sites, ste=True, target=0.3)
+    inputs = make_inputs(family, batch=2, length=8, pad=2)
+    model.train()
+    # calibrate τ as the schedule does: σ's own output on real tokens, (1 − d) quantile
+    from dataclasses import replace
+
+    from deft.core.sites import SiteMap
+
+    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type,
+                    "act")
+    sampler = MagnitudeSampler(len(sites))
+    with torch.no_grad(), ActivationCapture(model, inner, meter=sampler):
+        model(**inputs)
+    for site, values in zip(sites, sampler.result()):
+        modules[site.module].tau = quantile_of_magnitudes(values, 0.7)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    optimizer = torch.optim.SGD(params, lr=1e-2)
+    cfg = DensityLossConfig(weight=1.0)
+    for _ in range(2):
+        meter = DensityMeter(sites.sites)
+        with ActivationCapture(model, sites, approx=cfg.build_approx(), meter=meter) as capture:
+            out = model(**inputs)
+            logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+            loss = logits.float().pow(2).mean() + combine_terms(capture.pop_terms(), cfg)
+        loss.backward()
+        assert all(p.grad is not None for p in params) and sum(float(p.grad.abs().sum()) for p in params) > 0
+        optimizer.step()
+        optimizer.zero_grad()
+        assert meter.result().overall == pytest.approx(0.3, abs=0.1)
+    assert set(thresholded_modules(model)) == {s.module for s in sites}
+
+
+# -- end to end --------------------------------------------------------------------------------
+def tiny_config(model_dir, shared_data, **overrides):
+    base = dict(model=model_dir, tokenizer="minilm", task="sst2", method="lora", max_train_samples=64,
+                max_eval_samples=16, batch_size=8, eval_batch_size=8, max_steps=6, max_length=32,
+                data_dir=str(shared_data), learning_rate=1e-3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_threshold_in_the_loop_trains_and_the_run_loads_thresholded(tiny_bert_dir, shared_data, tmp_path):
+    cfg = tiny_config(tiny_bert_dir, shared_data, train_density=0.3, train_density_start=0.6,
+                      train_density_ramp=0.5, tau_every=2)
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["thresholds"]["mode"] == "trained" and results["thresholds"]["target_density"] == 0.3
+    assert results["density"]["thresholds"] is not None  # the final evaluation ran thresholded
+    saved = json.loads((tmp_path / "run" / RunDir.THRESHOLDS).read_text())
+    assert saved["taus"] == results["thresholds"]["taus"] and all(t > 0 for t in saved["taus"].values())
+    _, model, tok = load_run(tmp_path / "run")
+    assert {p: m.tau for p, m in thresholded_modules(model).items()} == saved["taus"]
+    from deft.cli import main
+
+    assert main(["eval", "--run", str(tmp_path / "run"), "--json", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["density"]["overall"] == pytest.approx(results["density"]["overall"])
+    assert again["metrics"]["accuracy"] == pytest.approx(results["metrics"]["accuracy"])
+    assert results["density"]["overall"] < 0.6  # the run's own deployed zeros, not a dense model
+
+
+def test_relufied_run_reloads_relufied(tiny_bert_dir, shared_data, tmp_path):
+    cfg = tiny_config(tiny_bert_dir, shared_data, activation="relu", density=DensityLossConfig(approx="tanh"))
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["density"]["overall"] < 0.7  # exact zeros: the ReLU's
+    _, model, _ = load_run(tmp_path / "run")
+    assert all(isinstance(model.get_submodule(s.module), ReLUfied) for s in find_sites(model))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"activation": "swish"}, "unknown --activation"), ({"activation": "shifted-relu"}, "activation-shift"),
+    ({"train_density": 0.0}, r"\(0, 1\]"), ({"train_density": 0.5, "train_density_start": 0.2}, "train_density_start"),
+    ({"tau_every": 0, "train_density": 0.5}, "tau_every"), ({"density": {"form": "batch"}}, "form"),
+])
+def test_bad_deployment_options_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_math_of_the_quantile():
+    values = torch.arange(1, 101, dtype=torch.float32)
+    tau = quantile_of_magnitudes(values, 0.7)
+    assert float((values > tau).float().mean()) == pytest.approx(0.3)
+    assert math.isclose(tau, 70.0)
