@@ -9,10 +9,11 @@ from .export import (EXPORT_INFO_FILE, EXPORT_VARIANT, PEFT_EXPORT_DIR, export_m
                      load_exported, prepare_for_inference, read_export_info)
 from .measure import model_bytes, peak_memory_of_export, timed_pass
 from .sparsify import DEFAULT_CALIBRATION_SAMPLES, choose_thresholds, collect_magnitudes, sparsify_run
+from .sparse_mlp import SparseMLP, sparsify_mlps
 from .sweep import DEFAULT_DENSITIES, density_sweep, plot_density_sweep
 
 __all__ = ["DEFAULT_CURVE", "EXPORT_INFO_FILE", "EXPORT_VARIANT", "PEFT_EXPORT_DIR", "bench_inference", "export_model",
            "export_run", "fold_alphas", "load_exported", "model_bytes", "peak_memory_of_export",
            "prepare_for_inference", "read_export_info", "timed_pass", "DEFAULT_CALIBRATION_SAMPLES",
            "choose_thresholds", "collect_magnitudes", "sparsify_run", "DEFAULT_DENSITIES", "density_sweep",
-           "plot_density_sweep"]
+           "plot_density_sweep", "SparseMLP", "sparsify_mlps"]

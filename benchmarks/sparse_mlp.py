@@ -1,0 +1,181 @@
+"""Sparse vs dense MLP for one decoding token on CPU: what the fused kernel buys at a given density.
+
+For each shape — ``minilm`` (d 384, h 1536, plain GELU, biases), ``gemma3-270m`` (d 640, h 2048,
+gated GELU-tanh) and ``2048x8192`` (d 2048, h 8192, gated SiLU) — at activation densities 0.5 0.3
+0.2 0.1 and at 1 and 2 threads, three variants of the same MLP are timed side by side
+(``lib.timing.interleaved_medians``: rotating order, median of the repetitions):
+
+* dense: the PyTorch MLP on the thresholded activation (F.linear calls; the fair baseline),
+* sparse: the gate densely, then ``deft.deploy.sparse_kernel`` (threshold + compaction + the
+  active rows of W_up and W_downᵀ, fused, compiled),
+* fallback: the same with the kernel's PyTorch fallback (``index_select`` + matmul).
+
+Weights come from memory, not cache, as in decoding: each variant cycles through enough random
+copies of the block (≥ 256 MiB of weights per shape) that a copy is evicted before it is used
+again. τ is set per copy to the quantile of |a| that leaves exactly the target density.
+
+Rows: shape, density, threads, ratio (median dense / median sparse), ratio_fallback, max_rel_error
+(sparse against dense, over the copies), the medians themselves; plus the machine (CPU model,
+torch threads, load average). Writes ``benchmarks/results/sparse_mlp.json``::
+
+    python benchmarks/sparse_mlp.py [--repeats 50] [--min-mib 256] [--out PATH]
+    python benchmarks/sparse_mlp.py --quick --out /tmp/sparse_quick.json   # smoke: seconds, numbers meaningless
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lib.timing import interleaved_medians
+
+from deft.deploy.sparse_kernel import (compiled_kernel, extension_name, kernel_unavailable_reason,
+                                       sparse_mlp_fallback, sparse_mlp_forward)
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {  # name -> (d, h, gated, activation, biases)
+    "minilm": (384, 1536, False, lambda g: F.gelu(g), True),
+    "gemma3-270m": (640, 2048, True, lambda g: F.gelu(g, approximate="tanh"), False),
+    "2048x8192": (2048, 8192, True, F.silu, False),
+}
+DENSITIES = (0.5, 0.3, 0.2, 0.1)
+THREADS = (1, 2)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_copies(d: int, h: int, gated: bool, biases: bool, min_bytes: int, max_copies: int | None, seed: int):
+    """Random copies of one block (standard layouts, plus W_downᵀ for the kernel) and one input each."""
+    per_copy = (3 if gated else 2) * d * h * 4
+    n = max(2, -(-min_bytes // per_copy))
+    n = min(n, max_copies) if max_copies else n
+    g = torch.Generator().manual_seed(seed)
+    copies = []
+    for _ in range(n):
+        first = torch.randn(h, d, generator=g) / d ** 0.5
+        down = torch.randn(d, h, generator=g) / h ** 0.5
+        copies.append({
+            "x": torch.randn(d, generator=g),
+            "first": first, "first_b": torch.randn(h, generator=g) * 0.1 if biases else None,
+            "up": torch.randn(h, d, generator=g) / d ** 0.5 if gated else None,
+            "up_b": None,
+            "down": down, "down_b": torch.randn(d, generator=g) * 0.1 if biases else None,
+            "down_t": down.t().contiguous(),
+        })
+    return copies, n * (per_copy + d * h * 4)
+
+
+def tau_at(a: torch.Tensor, density: float) -> float:
+    """τ with exactly round(density · h) units of |a| above it."""
+    s = a.abs().sort().values
+    keep = max(1, round(density * s.numel()))
+    return float(s[-keep - 1] + s[-keep]) / 2 if keep < s.numel() else float(s[0]) / 2
+
+
+def variants(copies: list[dict], act, taus: list[float]) -> dict:
+    state = {"dense": 0, "sparse": 0, "fallback": 0}
+
+    def take(name: str) -> tuple[dict, float]:
+        i = state[name]
+        state[name] = (i + 1) % len(copies)
+        return copies[i], taus[i]
+
+    def dense():
+        c, tau = take("dense")
+        a = act(F.linear(c["x"], c["first"], c["first_b"]))
+        a = a.masked_fill(a.abs() <= tau, 0)
+        if c["up"] is not None:
+            a = a * F.linear(c["x"], c["up"], c["up_b"])
+        return F.linear(a, c["down"], c["down_b"])
+
+    def sparse_with(name: str, kernel):
+        def run():
+            c, tau = take(name)
+            a = act(F.linear(c["x"], c["first"], c["first_b"]))
+            return kernel(c["x"], a, tau, c["down_t"], c["down_b"], c["up"], c["up_b"])
+        return run
+
+    compiled = lambda *args: sparse_mlp_forward(*args, backend="compiled")  # noqa: E731
+    return {"dense": dense, "sparse": sparse_with("sparse", compiled),
+            "fallback": sparse_with("fallback", sparse_mlp_fallback)}
+
+
+def max_rel_error(copies: list[dict], act, taus: list[float], fn) -> float:
+    worst = 0.0
+    for c, tau in zip(copies, taus):
+        run = variants([c], act, [tau])
+        want, got = run["dense"]().double(), run[fn]().double()
+        worst = max(worst, float((got - want).norm() / want.norm()))
+    return worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=50, help="timed rounds per variant (median reported; >= 30)")
+    ap.add_argument("--min-mib", type=int, default=256, help="weights per shape, over all copies (beyond L3)")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 2 small copies; numbers meaningless")
+    ap.add_argument("--out", default=str(HERE / "results" / "sparse_mlp.json"))
+    args = ap.parse_args()
+    repeats, max_copies, warmup = (3, 2, 1) if args.quick else (args.repeats, None, 3)
+
+    torch.manual_seed(0)
+    initial_threads = torch.get_num_threads()
+    if compiled_kernel() is None:
+        raise SystemExit(f"the compiled kernel is not available here ({kernel_unavailable_reason()}): "
+                         "nothing to compare against")
+    rows = []
+    with torch.no_grad():
+        for shape in args.shapes:
+            d, h, gated, act, biases = SHAPES[shape]
+            copies, nbytes = make_copies(d, h, gated, biases, args.min_mib << 20, max_copies, seed=0)
+            acts = [act(F.linear(c["x"], c["first"], c["first_b"])) for c in copies]
+            for density in DENSITIES:
+                taus = [tau_at(a, density) for a in acts]
+                err = max_rel_error(copies, act, taus, "sparse")
+                err_fb = max_rel_error(copies, act, taus, "fallback")
+                for threads in THREADS:
+                    torch.set_num_threads(threads)
+                    t = interleaved_medians(variants(copies, act, taus), repeats=repeats, warmup=warmup)
+                    med = {k: v["median"] for k, v in t.items()}
+                    row = {"shape": shape, "density": density, "threads": threads,
+                           "ratio": med["dense"] / med["sparse"], "ratio_fallback": med["dense"] / med["fallback"],
+                           "max_rel_error": err, "max_rel_error_fallback": err_fb,
+                           "median_us": {k: v * 1e6 for k, v in med.items()},
+                           "d": d, "h": h, "gated": gated, "copies": len(copies), "weights_mib": nbytes / 2**20,
+                           "repeats": repeats}
+                    rows.append(row)
+                    print(f"{shape:>12} density {density:.1f} threads {threads}: dense {med['dense'] * 1e6:8.1f} us  "
+                          f"sparse {med['sparse'] * 1e6:8.1f} us (x{row['ratio']:.2f})  "
+                          f"fallback {med['fallback'] * 1e6:8.1f} us (x{row['ratio_fallback']:.2f})  "
+                          f"err {err:.1e}", flush=True)
+            del copies, acts
+    torch.set_num_threads(initial_threads)
+
+    result = {
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": initial_threads, "threads_timed": list(THREADS),
+                    "load_average": os.getloadavg(), "kernel": extension_name()},
+        "quick": args.quick, "densities": list(DENSITIES), "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
