@@ -1,15 +1,36 @@
-"""Tiny random-init models, one per supported family, built from config objects (no downloads)."""
+"""Shared test fixtures: tiny random-init models, one per supported family, built from config
+objects (no downloads); the family × method matrix the capture, loss, ADA, export and prune tests
+run over; the GLUE data directory.
+
+The matrix follows peft's test suite (``ALL_CONFIGS × MODELS_TO_TEST`` driven by
+``testing_common.py``): :data:`FAMILIES` × :data:`METHODS`, less the pairs :data:`UNSUPPORTED`
+names with the reason, is :data:`MATRIX`; :func:`build` gives a pair's model with the method
+applied, :func:`matrix_params` its pytest parameters (ids ``"bert-lora"``). Operations that refuse
+a method altogether are listed once in :data:`REFUSED`; tests over the matrix assert that refusal
+for those pairs instead of leaving them out silently.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# -- data ------------------------------------------------------------------------------------
+# The data root (it holds glue/ and squad/): $DEFT_DATA_DIR when set, else the checkout's sibling
+# ../shared/data. When the variable is set the caller says the data is there (CI does), so tests
+# that need it fail if it is missing; without it they skip.
+DATA_DIR_ENV = "DEFT_DATA_DIR"
+_ENV_DATA_DIR = os.environ.get(DATA_DIR_ENV) or None  # read once: some tests unset it for the code under test
+SHARED_DATA_FROM_ENV = _ENV_DATA_DIR is not None
+SHARED_DATA = (Path(_ENV_DATA_DIR).expanduser().resolve() if SHARED_DATA_FROM_ENV
+               else Path(__file__).resolve().parents[2] / "shared" / "data")
 
 # family -> (config factory, model class for a task head, kind)
 FAMILIES = {
@@ -79,6 +100,126 @@ def make_inputs(family: str, batch: int = 2, length: int = 6, pad: int = 0, seed
     return inputs
 
 
+# -- the family × method matrix ---------------------------------------------------------------
+# method -> options for deft.methods (get_method(name).apply(model, options, task_type)), sized for
+# the width-32 models above: LoRA of rank 2 also on the MLP's first dense layer (what the density
+# loss acts on, and what block skipping / pruning must handle); no dropout, so train-mode passes
+# are deterministic. At hidden width 32 the paper's adapter reduction factor 16 leaves 2 ReLU
+# units, which may all be off where a gradient arrives; 4 leaves 8. Three virtual tokens keep
+# prefix / prompt passes small.
+METHODS = {
+    "lora": {"r": 2, "include_mlp": True, "lora_dropout": 0.0},
+    "qlora": {"r": 2, "include_mlp": True, "lora_dropout": 0.0},
+    "adapter": {"reduction_factor": 4},
+    "prefix": {"num_virtual_tokens": 3},
+    "prompt": {"num_virtual_tokens": 3},
+}
+# The task type each kind of model is trained with (vision: no peft task wrapper).
+TASK_TYPES = {"encoder": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "vision": None}
+
+# (family or kind, method) -> why the pair is not in the matrix: deft.methods refuses it
+# (UnsupportedCombinationError; test_methods.py checks every entry really is refused).
+# QLoRA is in: with bitsandbytes' CPU repack switched off (deft.methods.qlora) the 4-bit layers
+# take any width, so it runs on every family here; its base is saved and reloaded in 4 bits.
+UNSUPPORTED = {
+    ("vision", "prefix"): "virtual tokens need a text model taking input_ids (ViT takes pixel_values)",
+    ("vision", "prompt"): "virtual tokens need a text model taking input_ids (ViT takes pixel_values)",
+    ("distilbert", "prefix"): "DistilBERT's forward takes no past_key_values to carry the prefix",
+}
+
+# operation -> method -> why that operation refuses the method on every family. Tests of the
+# operation run over the whole matrix and assert the refusal for these methods.
+REFUSED = {
+    "export": {"qlora": "merging LoRA into NF4 weights re-quantises them: QLoRA export is refused"},
+    "prune": {"qlora": "4-bit weights are no plain float matrix: prune before quantising"},
+}
+
+# One family per kind, for per-pair tests too slow to run over every family (export round trips):
+# BERT (encoder), gated T5 (encoder-decoder, gated MLP), GPT-2 (decoder, Conv1D weights),
+# Llama (decoder, gated MLP) and ViT (vision).
+REPRESENTATIVES = ("bert", "t5-gated", "gpt2", "llama", "vit")
+
+
+def unsupported(family: str, method: str) -> str | None:
+    """Why (family, method) is not in the matrix, or None."""
+    return UNSUPPORTED.get((family, method)) or UNSUPPORTED.get((family_kind(family), method))
+
+
+MATRIX = [(f, m) for f in FAMILIES for m in METHODS if unsupported(f, m) is None]
+
+
+def matrix_params(families=None, methods=None) -> list:
+    """``pytest.param(family, method, id="family-method")`` for the matrix pairs (optionally only
+    these families / methods), for ``@pytest.mark.parametrize(("family", "method"), ...)``."""
+    unknown = (set(families or ()) - set(FAMILIES)) | (set(methods or ()) - set(METHODS))
+    assert not unknown, f"not in the matrix: {sorted(unknown)}"
+    return [pytest.param(f, m, id=f"{f}-{m}") for f, m in MATRIX
+            if (families is None or f in families) and (methods is None or m in methods)]
+
+
+def task_type_of(family: str) -> str | None:
+    return TASK_TYPES[family_kind(family)]
+
+
+_saved_bases: list[Path] = []  # the session's directory of saved bases, once made
+
+
+def saved_base(family: str, seed: int = 0) -> str:
+    """``make_model(family, seed)`` saved once per session (QLoRA's 4-bit ``load_base`` reads a directory)."""
+    if not _saved_bases:
+        _saved_bases.append(Path(tempfile.mkdtemp(prefix="deft-test-bases-")))
+        atexit.register(shutil.rmtree, _saved_bases[0], True)
+    path = _saved_bases[0] / f"{family}-{seed}"
+    if not path.is_dir():
+        make_model(family, seed).save_pretrained(path)
+    return str(path)
+
+
+def perturb(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Give the modules that start as the identity (LoRA's B, the adapters' up projections) random
+    values, as after training: otherwise they would not change the model's function."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "adapter_up" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def build(family: str, method: str, seed: int = 0, options: dict | None = None,
+          trained: bool = False) -> tuple[torch.nn.Module, str | None]:
+    """``(model, task_type)``: the family's tiny model with ``method`` applied (options:
+    :data:`METHODS`, updated by ``options``), in eval mode; ``trained``: :func:`perturb` it."""
+    from deft.methods import get_method
+
+    reason = unsupported(family, method)
+    if reason is not None:
+        raise ValueError(f"{family}-{method} is not in the matrix: {reason}")
+    task_type = task_type_of(family)
+    config = {**METHODS[method], **(options or {})}
+    impl = get_method(method)
+    if method == "qlora":
+        base = impl.load_base(saved_base(family, seed), FAMILIES[family][1], config)
+    else:
+        base = make_model(family, seed)
+    model = impl.apply(base, config, task_type=task_type)
+    if trained:
+        perturb(model, seed=seed)
+    model.eval()
+    return model, task_type
+
+
+def labels_for(family: str, inputs: dict) -> dict:
+    """``inputs`` with labels for the family's task loss (sequence class, next token, or as given)."""
+    kind = family_kind(family)
+    if kind == "seq2seq":
+        return dict(inputs)
+    batch = next(iter(inputs.values())).shape[0]
+    if kind == "decoder":
+        return {**inputs, "labels": inputs["input_ids"].clone()}
+    return {**inputs, "labels": torch.arange(batch) % 2}
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
     """A tiny BERT with MiniLM's vocabulary (so its tokenizer fits) and widths bitsandbytes' CPU kernel takes."""
@@ -91,9 +232,23 @@ def tiny_bert_dir(tmp_path_factory):
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The data root, if it holds ``glue/``; else skip — or fail when $DEFT_DATA_DIR named it."""
     if not (SHARED_DATA / "glue").is_dir():
-        pytest.skip(f"shared GLUE data not found at {SHARED_DATA}")
+        if SHARED_DATA_FROM_ENV:
+            pytest.fail(f"${DATA_DIR_ENV}={_ENV_DATA_DIR!r} has no glue/ directory (looked for "
+                        f"{SHARED_DATA / 'glue'})", pytrace=False)
+        pytest.skip(f"shared GLUE data not found at {SHARED_DATA} (set ${DATA_DIR_ENV} to the data root)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests: tiny models run several times faster on one
+    thread than on two contended ones (this machine has 2 cores, shared with other runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,20 @@
-"""ADA-DEFT (deft.adaptive): α per MLP block, real block skipping, export, and the CLI, on tiny models."""
+"""ADA-DEFT (deft.adaptive): α per MLP block, real block skipping, export, and the CLI, on tiny models.
+
+Where a PEFT method is involved the tests run over conftest.py's family × method matrix (export
+round trips: over its one-family-per-kind subset, REPRESENTATIVES)."""
 
 from __future__ import annotations
 
 import gc
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
-from conftest import FAMILIES, make_inputs, make_model
+from conftest import (FAMILIES, REFUSED, REPRESENTATIVES, build, family_kind, labels_for, make_inputs, make_model,
+                      matrix_params)
 from safetensors.torch import load_file, save_file
 
 from deft.adaptive import (
@@ -29,17 +34,11 @@ from deft.adaptive import (
 from deft.deploy import export_model, load_exported, prepare_for_inference
 from deft.core.approx import make_approx
 from deft.core.capture import ActivationCapture
-from deft.methods import get_method, trainable_parameters
+from deft.methods import trainable_parameters
 from deft.core.sites import find_sites, unwrap_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def _bert(layers=2, width=32, seed=0):
@@ -47,6 +46,14 @@ def _bert(layers=2, width=32, seed=0):
     return T.BertForSequenceClassification(T.BertConfig(
         vocab_size=100, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=2 * width)).eval()
+
+
+def _inputs(family):
+    """Inputs with a padded position; an encoder-decoder gets its decoder input instead of labels."""
+    inputs = make_inputs(family, pad=1)
+    if family_kind(family) == "seq2seq":
+        inputs["decoder_input_ids"] = inputs.pop("labels")
+    return inputs
 
 
 def _outputs(model, inputs):
@@ -79,8 +86,8 @@ def test_alpha_initialisation_mean_std_and_seed():
     assert apply_adaptive(_bert(), None, AdaptiveConfig(enabled=False)) is None
 
 
-@pytest.mark.parametrize("family", list(FAMILIES) + ["generic"])
-def test_sites_still_found_and_capture_sees_scaled_activation(family):
+@pytest.mark.parametrize(("family", "method"), [*matrix_params(), pytest.param("generic", None, id="generic")])
+def test_sites_still_found_and_capture_sees_scaled_activation(family, method):
     if family == "generic":  # not in the family table: found by the generic fallback
         torch.manual_seed(0)
         model = T.ElectraForSequenceClassification(T.ElectraConfig(
@@ -88,7 +95,7 @@ def test_sites_still_found_and_capture_sees_scaled_activation(family):
             intermediate_size=64)).eval()
         inputs = make_inputs("bert")
     else:
-        model, inputs = make_model(family), make_inputs(family)
+        model, inputs = build(family, method)[0], make_inputs(family)
     before = find_sites(model)
     handle = apply_adaptive(model, before)
     after = find_sites(model)
@@ -125,21 +132,19 @@ def test_density_loss_sees_scaled_activation():
     assert at_half[0] == pytest.approx(at_one[0], rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "adapter", "prefix", "prompt"])
-def test_alpha_trainable_under_every_method(method, tiny_bert_dir):
-    m = get_method(method)
-    options = {"num_virtual_tokens": 4} if method in ("prefix", "prompt") else None
-    base = m.load_base(tiny_bert_dir, T.AutoModelForSequenceClassification, options, num_labels=2)
-    model = m.apply(base, options, task_type="SEQ_CLS")
+@pytest.mark.parametrize(("family", "method"), matrix_params())
+def test_alpha_trainable_under_every_method(family, method):
+    model, _ = build(family, method)
     trainable_before, _ = trainable_parameters(model)
     handle = apply_adaptive(model, find_sites(model, "product"))  # any site point: α wraps σ
-    assert trainable_parameters(model)[0] == trainable_before + 2
+    n_sites = 2 * (2 if family_kind(family) == "seq2seq" else 1)  # two layers per stack
+    assert len(handle.sites) == n_sites and trainable_parameters(model)[0] == trainable_before + n_sites
     model.train()
-    ids = torch.randint(1000, 2000, (2, 6))
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1]))
+    out = model(**labels_for(family, make_inputs(family)))
     out.loss.backward()
     params = handle.parameters()
-    assert len(params) == 2 and all(p.requires_grad and p.grad is not None and p.grad.abs() > 0 for p in params)
+    assert len(params) == n_sites
+    assert all(p.requires_grad and p.grad is not None and p.grad.abs() > 0 for p in params)
     before = handle.alphas()
     torch.optim.AdamW(params, lr=1e-2).step()
     assert all(abs(handle.alphas()[k] - v) > 1e-4 for k, v in before.items())
@@ -168,20 +173,14 @@ def test_skipped_block_equals_alpha_zero_and_frees_weights(family):
     assert skip_blocks(model, sites, threshold=0.01) == []  # idempotent
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "prefix", "prompt"])
-def test_skip_under_peft_methods(method):
-    options = {"lora": {"include_mlp": True}, "prefix": {"num_virtual_tokens": 3},
-               "prompt": {"num_virtual_tokens": 3}}.get(method)
-    model = get_method(method).apply(_bert(), options, task_type="SEQ_CLS")
-    with torch.no_grad():  # non-trivial trained modules: LoRA B and the adapters' up projections start at 0
-        for name, p in unwrap_model(model).named_parameters():
-            if "lora_B" in name or "adapter_up" in name:
-                p.normal_(0, 0.5)
-    model.eval()
+@pytest.mark.parametrize(("family", "method"), matrix_params())
+def test_skip_under_peft_methods(family, method):
+    # trained=True: non-trivial trained modules (LoRA B and the adapters' up projections start at 0)
+    model, _ = build(family, method, trained=True)
     handle = apply_adaptive(model, find_sites(model))
     target = handle.sites[1]
     handle.set_alphas({target.module: 0.0})
-    inputs = make_inputs("bert", pad=1)
+    inputs = _inputs(family)
     reference = _outputs(model, inputs)
     skip_blocks(model, None, threshold=0.01)
     down = unwrap_model(model).get_submodule(target.down)
@@ -202,7 +201,10 @@ def test_threshold_curve_switches_blocks_off_and_restores():
     assert [p.threshold for p in curve] == [0.0, 0.01, 0.5]
     assert [p.blocks_skipped for p in curve] == [0, 1, 2]
     assert curve[0].metric == pytest.approx(float(full.sum()))
-    assert curve[1].mlp_params_removed == _block_numel(model, handle.sites[0])
+    # by hand from the config (hidden 32, intermediate 64): W1 + b1 + W2 + b2 of one BERT block
+    # (was: the same sum over the same modules as the code under test)
+    assert curve[1].mlp_params_removed == 32 * 64 + 64 + 64 * 32 + 32
+    assert curve[2].mlp_params_removed == 2 * (32 * 64 + 64 + 64 * 32 + 32)
     assert handle.alphas() == before  # nothing was removed or changed
     points = [ThresholdPoint(t, n, (), 0, m) for t, n, m in [(0.0, 0, 90.0), (0.05, 2, 89.5), (0.3, 4, 85.0)]]
     assert pick_threshold(points, max_drop=1.0).threshold == 0.05
@@ -210,33 +212,23 @@ def test_threshold_curve_switches_blocks_off_and_restores():
 
 # -- export -------------------------------------------------------------------------------------
 
-def _seq2seq_inputs():
-    inputs = make_inputs("t5", pad=1)
-    inputs["decoder_input_ids"] = inputs.pop("labels")
-    return inputs
-
-
-@pytest.mark.parametrize("family,method", [("bert", "lora"), ("bert", "adapter"), ("bert", "prefix"),
-                                           ("bert", "prompt"), ("t5-gated", "lora"), ("gpt2", "adapter")])
+# Export round trips write and load a directory per pair: one family per kind (REPRESENTATIVES)
+# × every method keeps the suite fast; the other families differ only in their site paths,
+# which the skipping tests above cover on every pair.
+@pytest.mark.parametrize(("family", "method"), matrix_params(families=REPRESENTATIVES))
 def test_export_round_trip(family, method, tmp_path):
-    if family == "bert":
-        model, task_type, inputs = _bert(), "SEQ_CLS", make_inputs("bert", pad=1)
-    elif family == "t5-gated":
-        model, task_type, inputs = make_model("t5-gated"), "SEQ_2_SEQ_LM", _seq2seq_inputs()
-    else:
-        model, task_type, inputs = make_model("gpt2"), "CAUSAL_LM", make_inputs("gpt2")
-    options = {"num_virtual_tokens": 3} if method in ("prefix", "prompt") else None
-    model = get_method(method).apply(model, options, task_type=task_type)
-    with torch.no_grad():
-        for name, p in unwrap_model(model).named_parameters():
-            if "lora_B" in name or "adapter_up" in name:
-                p.normal_(0, 0.3)
-    model.eval()
+    model, _ = build(family, method, trained=True)
+    inputs = _inputs(family)
     handle = apply_adaptive(model, find_sites(model))
     handle.set_alphas({handle.sites[0].module: 0.0})
-    removed_numel = _block_numel(model, handle.sites[0])
+    removed_numel = _block_numel(make_model(family), handle.sites[0])  # the base weights (LoRA's merged in)
     skip_blocks(model, None, threshold=0.05)
     reference = _outputs(model, inputs)
+    if method in REFUSED["export"]:  # refused with the reason, nothing written
+        with pytest.raises(AdaptiveError, match="QLoRA"):
+            export_model(model, tmp_path / "export", threshold=0.05)
+        assert not (tmp_path / "export").exists()
+        return
     info = export_model(model, tmp_path / "export", threshold=0.05)
     assert len(info["skipped"]) == 1 and info["load_with"] == "deft.deploy.load_exported"
     assert (tmp_path / "export" / "model.deft.safetensors").exists()
@@ -245,28 +237,24 @@ def test_export_round_trip(family, method, tmp_path):
     saved = load_file(str(tmp_path / "export" / "model.deft.safetensors"))
     skipped = info["skipped"][0]
     assert not any(k.startswith(skipped["first"] + ".") for k in saved)  # the removed weights are not in the file
-    if (family, method) == ("bert", "lora"):  # merged: no LoRA factor left, the plain model less the block
+    if method == "lora":  # merged: no LoRA factor left, the plain model less the block
         assert not any("lora_" in k for k in saved)
-        assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in _bert().parameters()) \
+        assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in make_model(family).parameters()) \
             - removed_numel
     # a plain from_pretrained cannot silently load a reduced export with random weights
     with pytest.raises(OSError):
         getattr(T, info["architecture"]).from_pretrained(tmp_path / "export")
 
 
-def test_export_without_skipped_blocks_loads_with_plain_transformers(tmp_path):
-    model = get_method("lora").apply(_bert(), None, task_type="SEQ_CLS")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.eval()
+@pytest.mark.parametrize(("family", "method"), matrix_params(families=REPRESENTATIVES, methods=["lora"]))
+def test_export_without_skipped_blocks_loads_with_plain_transformers(family, method, tmp_path):
+    model, _ = build(family, method, trained=True)
     apply_adaptive(model, find_sites(model))
-    inputs = make_inputs("bert", pad=1)
+    inputs = _inputs(family)
     reference = _outputs(model, inputs)
     info = export_model(model, tmp_path / "plain", threshold=0.05)
     assert info["skipped"] == [] and info["load_with"] == "transformers" and info["alphas_folded"]
-    plain = T.BertForSequenceClassification.from_pretrained(tmp_path / "plain").eval()
+    plain = FAMILIES[family][1].from_pretrained(tmp_path / "plain").eval()
     torch.testing.assert_close(_outputs(plain, inputs), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -300,8 +288,9 @@ def test_unsupported_combinations_fail_clearly():
 # -- training, saved runs and the CLI ---------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
-def test_train_ada_run_save_restore_and_cli(method, tiny_bert_dir, shared_data, tmp_path, capsys):
+def test_train_ada_run_save_restore_and_cli(method, tiny_bert_dir, shared_data, tmp_path, capsys, monkeypatch):
     from deft.cli import main
+    from deft.deploy.measure import peak_memory_of_export
     from deft.training import TrainConfig, load_run, train
 
     cfg = TrainConfig(model=tiny_bert_dir, tokenizer="minilm", task="sst2", method=method, max_train_samples=16,
@@ -332,26 +321,70 @@ def test_train_ada_run_save_restore_and_cli(method, tiny_bert_dir, shared_data, 
     batch = tok(["a fine film", "dull"], padding=True, return_tensors="pt")
     exported = load_exported(tmp_path / "exp")
     torch.testing.assert_close(_outputs(exported, batch), _outputs(in_memory, batch), rtol=1e-5, atol=1e-5)
-    assert T.AutoTokenizer.from_pretrained(tmp_path / "exp") is not None
+    # the run's tokenizer went along (was: "from_pretrained(...) is not None", which cannot fail)
+    exported_tok = T.AutoTokenizer.from_pretrained(tmp_path / "exp")
+    assert exported_tok(["a fine film", "dull"])["input_ids"] == tok(["a fine film", "dull"])["input_ids"]
     capsys.readouterr()
     assert main(["load", "--dir", str(tmp_path / "exp")]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == [first]
+    # bench-inference: one repeat, a two-point curve. Its peak-memory measurement starts a fresh
+    # Python process per variant (~5 s each: three were most of this test's time). Here bench runs
+    # the child's measurement in-process instead, so its wiring (every variant exported, loaded
+    # and measured; the savings) is still exercised; the fresh process itself runs once, below,
+    # on the export `deft export` wrote, which is the skipped variant's. The adapter run covers
+    # bench without a baseline and without peak memory.
     out = tmp_path / "ada_bench.json"
-    peak_args = [] if method == "lora" else ["--no-peak-memory"]  # fresh processes: measured once
-    assert main(["bench-inference", "--run", str(run), "--baseline", str(run), "--repeats", "1",
-                 "--max-samples", "16", "--curve", "0", "0.5", "--out", str(out), *peak_args]) == 0
-    bench = json.loads(out.read_text())
     if method == "lora":
-        for name, variant in bench["variants"].items():
-            # the export loaded in a fresh process holds exactly the weights of the in-process variant
-            assert variant["peak_memory"]["param_bytes"] == variant["param_bytes"], name
-            assert variant["peak_memory"]["peak_bytes"] > 0
-        assert isinstance(bench["peak_memory_saving"], float)
+        from deft.deploy import peak_memory_child
+
+        measured = []
+
+        def in_process(export_dir, batches_file, threads=None):
+            measured.append(Path(export_dir).name)
+            return peak_memory_child.main(str(export_dir), str(batches_file), torch.get_num_threads())
+
+        monkeypatch.setattr("deft.deploy.bench.peak_memory_of_export", in_process)
+        extra = ["--baseline", str(run)]
     else:
-        assert "peak_memory" not in bench["variants"]["ada_deft_skipped"]
-    assert bench["blocks_skipped"] == 1 and bench["variants"]["ada_peft"]["blocks_skipped"] == 1
-    assert {"time_saving", "memory_saving", "metric_delta"} <= set(bench)
-    assert bench["memory_saving_vs_unskipped"] > 0 and len(bench["threshold_curve"]) == 2
-    assert bench["largest_threshold_within_1_point"]["threshold"] in (0.0, 0.5)
+        extra = ["--no-peak-memory"]
+    assert main(["bench-inference", "--run", str(run), "--repeats", "1", "--max-samples", "16",
+                 "--curve", "0", "0.05", "--out", str(out), *extra]) == 0
+    bench = json.loads(out.read_text())
+    variants = bench["variants"]
+    if method == "lora":
+        assert sorted(measured) == sorted(variants) == ["ada_deft_skipped", "ada_deft_unskipped", "ada_peft"]
+        for name, variant in variants.items():
+            # the export, loaded on its own, holds exactly the weights of the in-process variant
+            assert variant["peak_memory"]["param_bytes"] == variant["param_bytes"], name
+        assert isinstance(bench["peak_memory_saving"], float)
+        assert variants["ada_peft"]["blocks_skipped"] == 1
+        # the baseline is this very run, skipped at the same threshold: nothing saved, nothing lost
+        assert bench["memory_saving"] == 0.0 and bench["metric_delta"] == 0.0
+        assert isinstance(bench["time_saving"], float)
+        # the one fresh process: what `deft export` wrote, loaded and run as a deployment would
+        batches_file = tmp_path / "batches.pt"
+        torch.save([dict(batch)], batches_file)
+        fresh = peak_memory_of_export(tmp_path / "exp", batches_file)
+        assert fresh["param_bytes"] == variants["ada_deft_skipped"]["param_bytes"] and fresh["peak_bytes"] > 0
+    else:
+        assert set(variants) == {"ada_deft_unskipped", "ada_deft_skipped"}
+        assert all("peak_memory" not in v for v in variants.values())
+        assert bench["time_saving"] is None and bench["memory_saving"] is None and bench["metric_delta"] is None
+    assert bench["blocks_skipped"] == 1 and variants["ada_deft_skipped"]["skipped"] == [first]
+    assert bench["memory_saving_vs_unskipped"] > 0
+    # The curve, checked against what was computed another way: the blocks under each threshold
+    # from the saved α values by hand; the metrics against the variants, which remove the block
+    # for real (and merge, fold) instead of forcing α to 0; the pick by pick_threshold's rule
+    # (most blocks skipped within 1 point of no skipping) on those variants' metrics. (Was: the
+    # pick checked to be one of the curve's two thresholds, which held whatever it picked.)
+    saved_alphas = {k: float(v) for k, v in load_file(str(weights)).items()}
+    curve = bench["threshold_curve"]
+    assert [p["threshold"] for p in curve] == [0.0, 0.05]
+    assert [set(p["skipped"]) for p in curve] == [{k for k, a in saved_alphas.items() if abs(a) < t}
+                                                  for t in (0.0, 0.05)] == [set(), {first}]
+    unskipped, skipped = variants["ada_deft_unskipped"]["metric"], variants["ada_deft_skipped"]["metric"]
+    assert [p["metric"] for p in curve] == pytest.approx([unskipped, skipped], abs=1e-9)
+    expected = 0.05 if skipped >= unskipped - 1.0 else 0.0
+    assert bench["largest_threshold_within_1_point"]["threshold"] == expected
     assert main(["eval", "--run", str(run), "--skip-threshold", "-1"]) == 2  # clear refusal
     assert "threshold" in capsys.readouterr().err

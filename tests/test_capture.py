@@ -1,18 +1,19 @@
-"""Capture: mask alignment, once-per-forward firing, gradient flow, no leaks — over every family."""
+"""Capture: mask alignment, once-per-forward firing, gradient flow, no leaks — over every family,
+and over the family × method matrix of conftest.py where a PEFT method is involved."""
 
 import pytest
 import torch
 
-from conftest import FAMILIES, TEXT_FAMILIES, family_kind, make_inputs, make_model
+from conftest import (FAMILIES, METHODS, N_LAYERS, TEXT_FAMILIES, build, family_kind, make_inputs, make_model,
+                      matrix_params)
 from deft.core.approx import make_approx
 from deft.core.capture import ActivationCapture, align_mask
 from deft.core.loss import DensityLossConfig, combine_terms
 from deft.core.metrics import DensityMeter
 from deft.core.sites import find_sites
-from test_sites import peft_wrap
 
-# peft itself refuses these combinations (the model takes no past_key_values).
-PEFT_UNSUPPORTED = {("distilbert", "prefix"): "DistilBERT has no past_key_values for prefix tuning"}
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
+
 GC_FAMILIES = [f for f in FAMILIES if FAMILIES[f][1].supports_gradient_checkpointing]
 
 
@@ -78,12 +79,9 @@ def test_hooks_fire_once_per_layer_per_forward(family):
         assert not cap.recomputed
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
-@pytest.mark.parametrize("family", TEXT_FAMILIES)
+@pytest.mark.parametrize(("family", "method"), matrix_params())
 def test_density_loss_gradient_reaches_trainable_parameters_only(family, method):
-    if (family, method) in PEFT_UNSUPPORTED:
-        pytest.skip(PEFT_UNSUPPORTED[(family, method)])
-    model = peft_wrap(make_model(family), family, method)
+    model, _ = build(family, method)
     model.train()
     with ActivationCapture(model, approx=make_approx("l0", eps=1e-2)) as cap:
         model(**make_inputs(family))
@@ -97,8 +95,8 @@ def test_density_loss_gradient_reaches_trainable_parameters_only(family, method)
 
 
 def test_no_growth_across_100_training_steps():
-    family = "bert"
-    model = peft_wrap(make_model(family), family, "lora")
+    family = "bert"  # one representative pair: 100 training steps
+    model, _ = build(family, "lora")
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sites = find_sites(model)
@@ -158,14 +156,20 @@ def test_seq2seq_generate_counts_encoder_once_and_each_decoder_token_once(family
     assert all(cap.calls[i] == new for i, s in enumerate(sites) if s.stack == "decoder")
 
 
-def test_prompt_tuning_virtual_tokens_counted_and_prefix_keys_not():
-    family = "bert"
+@pytest.mark.parametrize(("family", "method"), matrix_params(methods=["prefix", "prompt"]))
+def test_prompt_tuning_virtual_tokens_counted_and_prefix_keys_not(family, method):
+    """Prompt tuning's virtual tokens run through the MLPs of the stack reading input_ids: counted;
+    a prefix only enters attention as keys / values: not counted."""
     inputs = make_inputs(family, batch=2, length=6, pad=2)
     real = int(inputs["attention_mask"].sum())
-    prompt = measure(peft_wrap(make_model(family), family, "prompt"), [inputs])
-    prefix = measure(peft_wrap(make_model(family), family, "prefix"), [inputs])
-    assert prompt.per_layer[0]["tokens"] == real + 2 * 3  # 3 virtual tokens per sequence
-    assert prefix.per_layer[0]["tokens"] == real
+    virtual = METHODS[method]["num_virtual_tokens"]
+    model, _ = build(family, method)
+    rows = measure(model, [inputs]).per_layer
+    first = "decoder" if family_kind(family) == "decoder" else "encoder"  # the stack fed input_ids
+    expected = real + 2 * virtual if method == "prompt" else real  # virtual tokens per sequence
+    assert [r["tokens"] for r in rows if r["stack"] == first] == [expected] * N_LAYERS
+    if family_kind(family) == "seq2seq":  # the decoder reads the 2 × 4 labels, no virtual tokens
+        assert [r["tokens"] for r in rows if r["stack"] == "decoder"] == [2 * 4] * N_LAYERS
 
 
 def test_align_mask_rules():

@@ -19,16 +19,15 @@ from deft.tasks.glue import (
     resolve_data_dir,
 )
 
-# /work/main/tests -> /work/shared/data
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(
-    not (DATA_ROOT / "glue").is_dir(), reason=f"shared GLUE data not found at {DATA_ROOT / 'glue'}"
-)
+# Tests reading the real files take conftest.py's ``shared_data`` fixture: the data root from
+# $DEFT_DATA_DIR, else ../shared/data; they skip without it, and fail if $DEFT_DATA_DIR is set
+# but has no glue/.
 
 
 @pytest.fixture(autouse=True)
 def _no_env_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Tests must not depend on the caller's environment.
+    # The code under test must not read the caller's $DEFT_DATA_DIR behind the tests' back: they
+    # pass the data root explicitly (conftest.py read the variable at import time).
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
 
 
@@ -75,13 +74,12 @@ def test_split_aliases() -> None:
 # --- data directory -----------------------------------------------------------------------------
 
 
-@needs_data
-def test_resolve_data_dir_root_glue_env_and_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    glue = DATA_ROOT / "glue"
+def test_resolve_data_dir_root_glue_env_and_none(monkeypatch: pytest.MonkeyPatch, shared_data: Path) -> None:
+    glue = shared_data / "glue"
     assert resolve_data_dir(None) is None
-    assert resolve_data_dir(str(DATA_ROOT)) == glue
+    assert resolve_data_dir(str(shared_data)) == glue
     assert resolve_data_dir(glue) == glue
-    monkeypatch.setenv(DATA_DIR_ENV, str(DATA_ROOT))
+    monkeypatch.setenv(DATA_DIR_ENV, str(shared_data))
     assert resolve_data_dir(None) == glue
 
 
@@ -90,13 +88,14 @@ def test_resolve_data_dir_missing(tmp_path: Path) -> None:
         resolve_data_dir(tmp_path / "nope")
 
 
-@needs_data
-def test_missing_task_file_in_data_dir() -> None:
-    # QQP is not in the shared data: must not fall back to the hub.
+def test_missing_task_file_in_data_dir(tmp_path: Path) -> None:
+    # A data directory without the task's file must not fall back to the hub. (Was: QQP read from
+    # the shared data, which only held because that copy happens to lack QQP.)
+    _write(tmp_path / "glue", "SST-2", "dev", "sentence\tlabel\nfine\t1\n")
     with pytest.raises(FileNotFoundError) as err:
-        load_glue("qqp", "dev", data_dir=DATA_ROOT)
+        load_glue("qqp", "dev", data_dir=tmp_path)
     msg = str(err.value)
-    assert str(DATA_ROOT / "glue" / "QQP" / "dev.tsv") in msg and "hub" in msg
+    assert str(tmp_path / "glue" / "QQP" / "dev.tsv") in msg and "hub" in msg
 
 
 # --- real files ---------------------------------------------------------------------------------
@@ -116,62 +115,55 @@ ROW_COUNTS = [
 ]
 
 
-@needs_data
 @pytest.mark.parametrize(("task", "split", "rows"), ROW_COUNTS)
-def test_row_counts(task: str, split: str, rows: int) -> None:
-    ds = load_glue(task, split, data_dir=DATA_ROOT)
+def test_row_counts(task: str, split: str, rows: int, shared_data: Path) -> None:
+    ds = load_glue(task, split, data_dir=shared_data)
     assert len(ds) == rows
     assert ds["idx"][:3] == [0, 1, 2] and ds["idx"][-1] == rows - 1
     pair = get_task(task).is_pair  # type: ignore[attr-defined]
     assert set(ds.column_names) == ({"text_a", "text_b", "label", "idx"} if pair else {"text_a", "label", "idx"})
 
 
-@needs_data
-def test_label_distributions_match_manifest() -> None:
-    assert Counter(load_glue("sst2", "dev", DATA_ROOT)["label"]) == {0: 428, 1: 444}
-    assert Counter(load_glue("mrpc", "train", DATA_ROOT)["label"]) == {0: 1194, 1: 2474}
-    assert Counter(load_glue("rte", "train", DATA_ROOT)["label"]) == {0: 1249, 1: 1241}  # 0 = entailment
-    assert Counter(load_glue("qnli", "dev", DATA_ROOT)["label"]) == {0: 2702, 1: 2761}
+def test_label_distributions_match_manifest(shared_data: Path) -> None:
+    assert Counter(load_glue("sst2", "dev", shared_data)["label"]) == {0: 428, 1: 444}
+    assert Counter(load_glue("mrpc", "train", shared_data)["label"]) == {0: 1194, 1: 2474}
+    assert Counter(load_glue("rte", "train", shared_data)["label"]) == {0: 1249, 1: 1241}  # 0 = entailment
+    assert Counter(load_glue("qnli", "dev", shared_data)["label"]) == {0: 2702, 1: 2761}
 
 
-@needs_data
-def test_mrpc_bom_header() -> None:
-    ds = load_glue("mrpc", "train", data_dir=DATA_ROOT)
+def test_mrpc_bom_header(shared_data: Path) -> None:
+    ds = load_glue("mrpc", "train", data_dir=shared_data)
     row = ds[0]
     assert row["label"] == 1
     assert row["text_a"].startswith("Amrozi accused his brother")
     assert not any(t.startswith("\ufeff") for t in ds["text_a"][:5])
 
 
-@needs_data
-def test_cola_headerless_and_test_header() -> None:
-    row = load_glue("cola", "train", data_dir=DATA_ROOT)[0]
+def test_cola_headerless_and_test_header(shared_data: Path) -> None:
+    row = load_glue("cola", "train", data_dir=shared_data)[0]
     assert row == {
         "text_a": "Our friends won't buy this analysis, let alone the next one we propose.",
         "label": 1,
         "idx": 0,
     }
-    test = load_glue("cola", "test", data_dir=DATA_ROOT)
+    test = load_glue("cola", "test", data_dir=shared_data)
     assert len(test) == 1063 and test[0]["text_a"] == "Bill whistled past the house." and test[0]["label"] == -1
 
 
-@needs_data
-def test_sst2_trailing_space_stripped_and_validation_alias() -> None:
-    dev = load_glue("sst2", "validation", data_dir=DATA_ROOT)
+def test_sst2_trailing_space_stripped_and_validation_alias(shared_data: Path) -> None:
+    dev = load_glue("sst2", "validation", data_dir=shared_data)
     assert len(dev) == 872
     assert dev[0]["text_a"] == "it 's a charming and often affecting journey ."
 
 
-@needs_data
-def test_stsb_float_scores() -> None:
-    ds = load_glue("stsb", "dev", data_dir=DATA_ROOT)
+def test_stsb_float_scores(shared_data: Path) -> None:
+    ds = load_glue("stsb", "dev", data_dir=shared_data)
     assert ds.features["label"].dtype == "float32"
     assert ds[0]["label"] == 5.0 and ds[1]["label"] == pytest.approx(4.75)
 
 
-@needs_data
-def test_qnli_stray_quote_kept() -> None:
-    ds = load_glue("qnli", "dev", data_dir=DATA_ROOT)
+def test_qnli_stray_quote_kept(shared_data: Path) -> None:
+    ds = load_glue("qnli", "dev", data_dir=shared_data)
     for i in (694, 3428):
         assert ds[i]["idx"] == i
         assert ds[i]["text_b"].startswith('" ')
@@ -179,17 +171,16 @@ def test_qnli_stray_quote_kept() -> None:
     assert ds[3428]["label"] == 0
 
 
-@needs_data
-def test_max_samples_deterministic_subset() -> None:
-    full = load_glue("rte", "dev", data_dir=DATA_ROOT)
-    a = load_glue("rte", "dev", data_dir=DATA_ROOT, max_samples=50, seed=1)
-    b = load_glue("rte", "dev", data_dir=DATA_ROOT, max_samples=50, seed=1)
-    c = load_glue("rte", "dev", data_dir=DATA_ROOT, max_samples=50, seed=2)
-    small = load_glue("rte", "dev", data_dir=DATA_ROOT, max_samples=10, seed=1)
+def test_max_samples_deterministic_subset(shared_data: Path) -> None:
+    full = load_glue("rte", "dev", data_dir=shared_data)
+    a = load_glue("rte", "dev", data_dir=shared_data, max_samples=50, seed=1)
+    b = load_glue("rte", "dev", data_dir=shared_data, max_samples=50, seed=1)
+    c = load_glue("rte", "dev", data_dir=shared_data, max_samples=50, seed=2)
+    small = load_glue("rte", "dev", data_dir=shared_data, max_samples=10, seed=1)
     assert len(a) == 50 and a["idx"] == b["idx"] and a["idx"] != c["idx"]
     assert a["idx"] == sorted(a["idx"]) and set(small["idx"]) <= set(a["idx"])
     assert all(a[j]["text_a"] == full[a[j]["idx"]]["text_a"] for j in range(0, 50, 7))
-    assert len(load_glue("rte", "dev", data_dir=DATA_ROOT, max_samples=10_000)) == 277
+    assert len(load_glue("rte", "dev", data_dir=shared_data, max_samples=10_000)) == 277
 
 
 # --- malformed tsv ------------------------------------------------------------------------------

@@ -1,14 +1,19 @@
-"""Hand-computed approximations, loss (eq. 6) and density (METHOD.md §2) on small fixed tensors."""
+"""Hand-computed approximations, loss (eq. 6) and density (METHOD.md §2) on small fixed tensors, and
+on every pair of conftest.py's family × method matrix from the activations plain hooks record."""
 
 import math
 
 import pytest
 import torch
 
+from conftest import build, make_inputs, matrix_params
 from deft.core.approx import APPROXIMATIONS, PAPER_L0_EPS, apply_fp32, make_approx
+from deft.core.capture import ActivationCapture
 from deft.core.loss import DensityLossConfig, combine_terms, site_term
 from deft.core.metrics import DensityMeter, density_change
-from deft.core.sites import ActivationSite
+from deft.core.sites import ActivationSite, find_sites, unwrap_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 A = torch.tensor([[[0.0, 1.0, -2.0], [0.5, 0.0, 0.0]],
                   [[3.0, 0.0, 0.001], [9.0, 9.0, 9.0]]])  # (B=2, T=2, h=3); last token of seq 2 is padding
@@ -139,7 +144,8 @@ def test_density_change_eq10():
 
 def test_all_approximations_registered():
     assert set(APPROXIMATIONS) == {"l0", "tanh", "sigmoid", "l1"}
-    assert not math.isnan(make_approx("tanh")(torch.tensor(1.0)).item())
+    # defaults (deft.core.approx): β = 1 for tanh (was: only "not NaN", which any number passed)
+    assert make_approx("tanh")(torch.tensor(-1.0)).item() == pytest.approx(math.tanh(1.0))
 
 
 def test_fused_l0_matches_autograd_value_and_gradient():
@@ -169,3 +175,47 @@ def test_fused_l0_recomputes_activation_from_its_input():
     x.grad = None
     (approx(gelu(x)) * mask.unsqueeze(-1)).sum().backward()
     torch.testing.assert_close(grad_recomputed, x.grad)
+
+
+# -- on real models: the family × method matrix -----------------------------------------------
+
+@pytest.mark.parametrize(("family", "method"), matrix_params())
+def test_model_loss_and_density_match_hand_computation(family, method):
+    """eq. 6 and the density meter, fed by ActivationCapture on a real model, equal the numbers
+    computed by hand from the activations that plain forward hooks record. No padding: every
+    position (prompt tuning's virtual tokens too) is real. A site enters the loss only when its
+    activation depends on a trainable parameter (else it cannot be trained down); the meter
+    counts every site. The capture must not change the model's output."""
+    model, _ = build(family, method, trained=True)
+    inputs = make_inputs(family)
+    sites = find_sites(model)
+    recorded = {}
+    hooks = [unwrap_model(model).get_submodule(s.module).register_forward_hook(
+        lambda m, x, y, i=i: recorded.__setitem__(i, y)) for i, s in enumerate(sites)]
+    eps, tau, stack_weight = 1e-2, 0.05, {"encoder": 1.0, "decoder": 3.0}
+    cfg = DensityLossConfig(weight=2.0, approx="l0", eps=eps, encoder_weight=1.0, decoder_weight=3.0)
+    meter = DensityMeter(sites.sites, threshold=tau)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    with ActivationCapture(model, sites, approx=make_approx("l0", eps=eps), meter=meter) as cap:
+        captured = model(**inputs).logits
+        loss = combine_terms(cap.pop_terms(), cfg)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(captured.detach(), plain, rtol=0, atol=0)
+
+    penalty, elements = {}, {}  # per stack: Σ f(a) = Σ a² / (a² + ε) over trainable sites, and their size
+    for i, site in enumerate(sites):
+        a = recorded[i].detach().double()
+        if recorded[i].requires_grad:
+            penalty[site.stack] = penalty.get(site.stack, 0.0) + float((a * a / (a * a + eps)).sum())
+            elements[site.stack] = elements.get(site.stack, 0) + a.numel()
+        a = a.reshape(2, -1, site.width)  # (batch, positions, neurons); OPT hands over (B·T, h)
+        row = meter.result().per_layer[i]
+        assert row["tokens"] == a.shape[0] * a.shape[1]
+        assert row["density"] == pytest.approx(float((a != 0).double().mean()), abs=1e-12)
+        assert row["density_threshold"] == pytest.approx(float((a.abs() > tau).double().mean()), abs=1e-12)
+        assert row["union_density"] == pytest.approx(float((a != 0).any(dim=1).double().mean()), abs=1e-12)
+    assert penalty, "no site depends on a trainable parameter"
+    expected = 2.0 * sum(stack_weight[k] * penalty[k] / elements[k] for k in penalty)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import conftest
 import pytest
 import torch
 import transformers as T
@@ -31,13 +32,7 @@ from deft.methods import (
 )
 from deft.core.sites import find_sites, unwrap_model
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run ~5x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 # -- tiny models ------------------------------------------------------------------------------
@@ -417,6 +412,17 @@ def test_unsupported_combinations():
         get_method("adapter").apply(get_method("adapter").apply(build("bert"), None, "SEQ_CLS"), None, "SEQ_CLS")
     with pytest.raises(TypeError):
         get_method("adapter").apply(build("bert"), LoraMethodConfig(), "SEQ_CLS")
+
+
+@pytest.mark.parametrize(("family", "method"), [pytest.param(f, m, id=f"{f}-{m}") for f in conftest.FAMILIES
+                                                 for m in conftest.METHODS if conftest.unsupported(f, m)])
+def test_matrix_exclusions_are_refused(family, method):
+    """Every pair conftest.py leaves out of its family × method matrix is one deft.methods refuses,
+    with UnsupportedCombinationError: the exclusions hide no combination that works."""
+    assert (family, method) not in conftest.MATRIX
+    task_type = conftest.task_type_of(family) or "SEQ_CLS"  # a text task type: the model is what is refused
+    with pytest.raises(UnsupportedCombinationError):
+        get_method(method).apply(conftest.make_model(family), conftest.METHODS[method], task_type)
 
 
 def test_load_checks_method(tmp_path):

@@ -1,4 +1,5 @@
-"""WANDA / magnitude pruning (deft.analysis.prune) on hand-made tensors and tiny transformers."""
+"""WANDA / magnitude pruning (deft.analysis.prune) on hand-made tensors and tiny transformers: the
+conftest.py families, and WANDA under every pair of its family × method matrix."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import copy
 
 import pytest
 import torch
+from conftest import REFUSED, build, make_inputs, make_model, matrix_params
 from torch import nn
 
 from deft.analysis.prune import (PruneConfig, calibration_indices, collect_input_norms, limit_samples, magnitude_prune,
                         merge_peft, n_m_mask, parse_n_m, prune_n_m, prune_unstructured, target_modules,
                         wanda_prune, wanda_scores, weight_out_in)
+from deft.core.sites import find_sites, unwrap_model
+from deft.methods import BottleneckAdapter
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 
 def _no_hooks(model: nn.Module) -> bool:
@@ -19,21 +25,17 @@ def _no_hooks(model: nn.Module) -> bool:
 
 
 def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32)
-    return BertForSequenceClassification(cfg).eval()
+    return make_model("bert")  # hidden 32, intermediate 64
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    return make_model("gpt2")  # n_embd 32, MLP 128; Conv1D weights stored (in, out)
 
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
+
+# BERT's linear layers by hand (pooler included: it is backbone; the classifier is the task head).
+BERT_ALL_LINEAR = [f"bert.encoder.layer.{i}.{leaf}" for i in range(2) for leaf in (
+    "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+    "intermediate.dense", "output.dense")] + ["bert.pooler.dense"]
 
 
 def _batches(pad_to: int | None = None, n: int = 2):
@@ -112,7 +114,7 @@ def test_invalid_arguments_raise_value_error():
         n_m_mask(torch.rand(2, 8), 5, 4)
     with pytest.raises(ValueError):
         prune_unstructured(torch.rand(2, 4), torch.rand(2, 4), 1.0)
-    with pytest.raises(ValueError):  # BERT's first MLP layer has 16 inputs: not divisible by 6
+    with pytest.raises(ValueError):  # BERT's first MLP layer has 32 inputs: not divisible by 6
         wanda_prune(_bert(), _batches(), PruneConfig(structure="3:6"))
 
 
@@ -166,85 +168,139 @@ def test_wanda_on_bert_mlp_first_and_all_linear():
     assert set(result) == {f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)}
     for name, achieved in result.items():
         w = dict(model.named_modules())[name].weight
-        assert ((w == 0).sum(dim=1) == 8).all() and achieved == pytest.approx(0.5)
+        assert ((w == 0).sum(dim=1) == 16).all() and achieved == pytest.approx(0.5)  # half of 32 inputs
     assert (model.bert.encoder.layer[0].output.dense.weight != 0).all()  # not a target
     assert _no_hooks(model)
 
     model = _bert()
     targets = target_modules(model, "all_linear")
-    assert "classifier" not in targets and "bert.encoder.layer.0.attention.self.query" in targets
+    # expected names by hand (was: compared with target_modules, which wanda_prune itself calls)
+    assert list(targets) == BERT_ALL_LINEAR
     result = wanda_prune(model, _batches(), PruneConfig(structure="2:4", targets="all_linear", sequential=True))
-    assert set(result) == set(targets) and all(v == pytest.approx(0.5) for v in result.values())
+    assert list(result) == BERT_ALL_LINEAR and all(v == pytest.approx(0.5) for v in result.values())
     assert (model.classifier.weight != 0).all()
-    for module in targets.values():
-        assert ((module.weight.reshape(module.weight.shape[0], -1, 4) != 0).sum(-1) == 2).all()
+    modules = dict(model.named_modules())
+    for name in BERT_ALL_LINEAR:
+        weight = modules[name].weight
+        assert ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) == 2).all()
 
 
 def test_gpt2_conv1d_pruned_along_output_rows():
     model = _gpt2()
     batches = _batches()
-    c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D, weight stored (in=16, out=64)
-    assert c_fc.weight.shape == (16, 64)
-    norms = collect_input_norms(model, {"transformer.h.0.mlp.c_fc": c_fc}, batches)["transformer.h.0.mlp.c_fc"]
+    c_fc = model.transformer.h[0].mlp.c_fc  # Conv1D, weight stored (in=32, out=128)
+    assert c_fc.weight.shape == (32, 128)
+    # ‖X_j‖ by hand, from the inputs a plain pre-hook sees, over the real tokens (was: from
+    # collect_input_norms, the function wanda_prune calls)
+    seen = []
+    hook = c_fc.register_forward_pre_hook(lambda m, x: seen.append(x[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    hook.remove()
+    real = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)])  # (real tokens, 32)
+    norms = real.double().pow(2).sum(0).sqrt().float()
     expected_kept = c_fc.weight.detach().clone().T  # (out, in)
     scores = expected_kept.abs() * norms[None, :]
     expected_mask = torch.zeros_like(scores, dtype=torch.bool)
-    expected_mask.scatter_(1, scores.topk(4, dim=1, largest=False).indices, True)
+    expected_mask.scatter_(1, scores.topk(8, dim=1, largest=False).indices, True)
 
     result = wanda_prune(model, batches, PruneConfig(sparsity=0.25))
     assert set(result) == {"transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"}
     w = c_fc.weight
-    assert ((w == 0).sum(dim=0) == 4).all()  # per output (a column of the stored weight): 25% of 16 inputs
+    assert ((w == 0).sum(dim=0) == 8).all()  # per output (a column of the stored weight): 25% of 32 inputs
     assert torch.equal(weight_out_in(c_fc) == 0, expected_mask)
     assert "lm_head" not in target_modules(model, "all_linear")
     model(**batches[0])  # still runs
 
 
-def test_lora_model_is_merged_then_pruned():
-    from peft import LoraConfig, get_peft_model
-
-    base = _bert()
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["intermediate.dense", "query"],
-                                                 init_lora_weights=False))
-    merged_reference = copy.deepcopy(peft_model).merge_and_unload()
-    ref_w = merged_reference.bert.encoder.layer[0].intermediate.dense.weight.detach()
-    plain_w = base.bert.encoder.layer[0].intermediate.dense.base_layer.weight.detach().clone()
-    assert not torch.allclose(ref_w, plain_w)  # the adapter changes the weight
-
-    result = wanda_prune(peft_model, _batches(), PruneConfig(sparsity=0.5))
-    assert set(result) == {f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)}
-    dense = base.bert.encoder.layer[0].intermediate.dense
-    assert isinstance(dense, nn.Linear)  # LoRA wrapper gone
-    w = dense.weight.detach()
-    assert ((w == 0).sum(dim=1) == 8).all()
-    kept = w != 0
-    assert torch.allclose(w[kept], ref_w[kept])  # survivors are the merged W + ΔW
-    assert merge_peft(base) is base
-    peft_model(**_batches()[0])  # the wrapper runs the merged, pruned model
-    assert _no_hooks(peft_model)
-
-
 def test_magnitude_baseline():
     model = _gpt2()
+    before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     result = magnitude_prune(model, PruneConfig(sparsity=0.5, targets="all_linear"))
-    assert len(result) == 8 and all(v == pytest.approx(0.5) for v in result.values())
-    w = model.transformer.h[0].attn.c_attn.weight  # (16, 48): 8 of 16 inputs pruned per output
-    assert ((w == 0).sum(dim=0) == 8).all()
-    assert (model.lm_head.weight != 0).all() or model.lm_head.weight is model.transformer.wte.weight
+    assert len(result) == 8 and all(v == pytest.approx(0.5) for v in result.values())  # 4 Conv1D × 2 layers
+    w = model.transformer.h[0].attn.c_attn.weight  # (32, 96): 16 of 32 inputs pruned per output
+    assert ((w == 0).sum(dim=0) == 16).all()
+    # the pruned inputs of every output are the 16 of smallest |W| (stored (in, out): per column)
+    pruned = w == 0
+    assert (before.abs().masked_fill(~pruned, 0).amax(0) <= before.abs().masked_fill(pruned, float("inf")).amin(0)).all()
+    # GPT-2 ties lm_head to the input embedding; neither is a target (was: "… or lm_head is wte",
+    # true by the tying whatever was pruned)
+    assert model.lm_head.weight is model.transformer.wte.weight and (model.lm_head.weight != 0).all()
 
 
-def test_all_linear_with_bottleneck_adapters_prunes_base_weights_not_adapters():
-    from deft.methods import get_method
-
-    model = get_method("adapter").apply(_bert(), None, "SEQ_CLS")
+@pytest.mark.parametrize(("family", "method"), matrix_params(methods=["adapter"]))
+def test_all_linear_with_bottleneck_adapters_prunes_base_weights_not_adapters(family, method):
+    model, _ = build(family, method, trained=True)  # trained-looking adapters: no zero rows to start from
+    base = unwrap_model(model)
     targets = target_modules(model, "all_linear")
-    downs = {f"bert.encoder.layer.{i}.output.dense" for i in range(2)}
+    downs = {s.down for s in find_sites(model)}
     assert downs <= set(targets)  # the frozen down projections, through their adapter wrapper
+    assert all(isinstance(base.get_submodule(d), BottleneckAdapter) for d in downs)
     assert not any("adapter_" in n or n.endswith("base_layer") for n in targets), sorted(targets)
-    adapter = model.bert.encoder.layer[0].output.dense
-    nn.init.normal_(adapter.adapter_up.weight)  # trained-looking adapter: no zero rows to start from
-    before_up = adapter.adapter_up.weight.detach().clone()
-    result = wanda_prune(model, _batches(), PruneConfig(sparsity=0.5, targets="all_linear"))
-    assert set(result) == set(targets) and all(v == pytest.approx(0.5) for v in result.values())
-    assert (adapter.base_layer.weight == 0).float().mean() == pytest.approx(0.5)
-    assert torch.equal(adapter.adapter_up.weight, before_up)
+    if family == "bert":  # by hand: the same layers as without adapters
+        assert list(targets) == BERT_ALL_LINEAR
+    adapters = {n: p.detach().clone() for n, p in base.named_parameters() if "adapter_" in n}
+    result = wanda_prune(model, [make_inputs(family, pad=2, seed=s) for s in range(2)],
+                         PruneConfig(sparsity=0.5, targets="all_linear"))
+    assert list(result) == list(targets) and all(v == pytest.approx(0.5) for v in result.values())
+    for d in downs:
+        assert (base.get_submodule(d).base_layer.weight == 0).float().mean() == pytest.approx(0.5)
+    assert all(torch.equal(p, adapters[n]) for n, p in base.named_parameters() if "adapter_" in n)
+    assert _no_hooks(model)
+
+
+@pytest.mark.parametrize(("family", "method"), matrix_params(families=["bert"], methods=list(REFUSED["prune"])))
+def test_wanda_refuses_4bit_weights(family, method):
+    # The refusal does not depend on the family: checked on one representative (wanda_prune
+    # first merges LoRA into the 4-bit weights, ~1 s per model).
+    model, _ = build(family, method, trained=True)
+    with pytest.raises(ValueError, match="quantiz"):
+        wanda_prune(model, [make_inputs(family)], PruneConfig(sparsity=0.5))
+
+
+@pytest.mark.parametrize(("family", "method"), [p for p in matrix_params() if p.values[1] not in REFUSED["prune"]])
+def test_wanda_under_every_method_matches_hand_computation(family, method):
+    """WANDA on the MLPs' first dense layers of every pair, against a by-hand WANDA on a copy: input
+    norms from plain pre-hooks (no padding, so every position — virtual tokens too — is real),
+    scores |W|·‖X‖ on the deployed weights (LoRA merged by peft on the copy), the lowest half of
+    each row pruned. The method's own trained modules are left alone."""
+    model, _ = build(family, method, trained=True)
+    batches = [make_inputs(family, seed=s) for s in range(2)]
+    firsts = [s.first for s in find_sites(make_model(family))]
+    reference = copy.deepcopy(model)
+    reference = reference.merge_and_unload() if method == "lora" else reference
+    ref_modules = {n: unwrap_model(reference).get_submodule(n) for n in firsts}
+    squares = {n: 0.0 for n in firsts}
+
+    def add(name, x):
+        squares[name] = squares[name] + x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+
+    hooks = [m.register_forward_pre_hook(lambda m, x, n=n: add(n, x[0])) for n, m in ref_modules.items()]
+    with torch.no_grad():
+        for b in batches:
+            reference(**b)
+    for h in hooks:
+        h.remove()
+    # the method's trained modules (LoRA's are merged away, its head unwrapped)
+    trained = {} if method == "lora" else {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    result = wanda_prune(model, batches, PruneConfig(sparsity=0.5))
+    assert list(result) == firsts and all(v == pytest.approx(0.5) for v in result.values())
+    base = unwrap_model(model)
+    for name in firsts:
+        ref_w = weight_out_in(ref_modules[name]).detach()
+        scores = ref_w.abs().float() * squares[name].sqrt().float()[None, :]
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected.scatter_(1, scores.topk(ref_w.shape[1] // 2, dim=1, largest=False).indices, True)
+        module = base.get_submodule(name)
+        assert not hasattr(module, "lora_A")  # merged: the LoRA wrapper is gone
+        w = weight_out_in(module).detach()
+        assert torch.equal(w == 0, expected), name
+        assert torch.equal(w[~expected], ref_w[~expected])  # survivors: the deployed W (+ ΔW)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in trained.items())  # adapters, virtual tokens, heads
+    if method == "lora":
+        assert merge_peft(base) is base
+    model(**batches[0])  # the wrapper runs the merged, pruned model
+    assert _no_hooks(model)
