@@ -233,6 +233,11 @@ def tiny_bert_dir(tmp_path_factory):
 @pytest.fixture
 def shared_data() -> Path:
     """The data root, if it holds ``glue/``; else skip — or fail when $DEFT_DATA_DIR named it."""
+    return require_shared_data()
+
+
+def require_shared_data() -> Path:
+    """:func:`shared_data` for module-scoped fixtures (which cannot take a function-scoped one)."""
     if not (SHARED_DATA / "glue").is_dir():
         if SHARED_DATA_FROM_ENV:
             pytest.fail(f"${DATA_DIR_ENV}={_ENV_DATA_DIR!r} has no glue/ directory (looked for "

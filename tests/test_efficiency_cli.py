@@ -16,10 +16,9 @@ SAMPLES = ["--max-samples", "4"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A PEFT and a DEFT LoRA run of two steps on a tiny BERT with MiniLM's vocabulary."""
-    from conftest import SHARED_DATA
+    from conftest import require_shared_data
 
-    if not (SHARED_DATA / "glue").is_dir():
-        pytest.skip(f"shared GLUE data not found at {SHARED_DATA}")
+    SHARED_DATA = require_shared_data()
     root = tmp_path_factory.mktemp("eff")
     torch.manual_seed(0)
     T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),

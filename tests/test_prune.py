@@ -252,11 +252,15 @@ def test_all_linear_with_bottleneck_adapters_prunes_base_weights_not_adapters(fa
 
 @pytest.mark.parametrize(("family", "method"), matrix_params(families=["bert"], methods=list(REFUSED["prune"])))
 def test_wanda_refuses_4bit_weights(family, method):
-    # The refusal does not depend on the family: checked on one representative (wanda_prune
-    # first merges LoRA into the 4-bit weights, ~1 s per model).
+    # The refusal does not depend on the family: checked on one representative. It comes before
+    # anything is merged (it used to merge LoRA into the 4-bit weights, lossily, then refuse).
     model, _ = build(family, method, trained=True)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     with pytest.raises(ValueError, match="quantiz"):
         wanda_prune(model, [make_inputs(family)], PruneConfig(sparsity=0.5))
+    lora_after = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert lora_before and lora_after.keys() == lora_before.keys()  # still unmerged, untouched
+    assert all(torch.equal(lora_after[n], lora_before[n]) for n in lora_before)
 
 
 @pytest.mark.parametrize(("family", "method"), [p for p in matrix_params() if p.values[1] not in REFUSED["prune"]])

@@ -108,10 +108,9 @@ def test_bad_thresholds_are_refused():
 # -- runs and commands -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import SHARED_DATA
+    from conftest import require_shared_data
 
-    if not (SHARED_DATA / "glue").is_dir():
-        pytest.skip(f"shared GLUE data not found at {SHARED_DATA}")
+    SHARED_DATA = require_shared_data()
     root = tmp_path_factory.mktemp("thr")
     torch.manual_seed(0)
     T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),

@@ -140,8 +140,9 @@ def threshold_curve(model: nn.Module, evaluate: Callable[[], float], thresholds:
 
 
 def pick_threshold(curve: Sequence[ThresholdPoint], max_drop: float) -> ThresholdPoint:
-    """The largest threshold whose metric is within ``max_drop`` of the no-skip metric
-    (the curve's first point should be threshold 0)."""
+    """The point that skips the most blocks with its metric within ``max_drop`` of the no-skip
+    metric (the curve's first point should be threshold 0); among points skipping the same
+    blocks, the smallest threshold (the margin below the next block's |α| is largest)."""
     reference = curve[0].metric
     ok = [p for p in curve if p.metric >= reference - max_drop]
     return max(ok, key=lambda p: (p.blocks_skipped, -p.threshold)) if ok else curve[0]

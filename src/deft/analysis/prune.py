@@ -313,6 +313,12 @@ def _prune_layer(module: nn.Module, scores: torch.Tensor, config: PruneConfig) -
     return float((weight == 0).sum()) / weight.numel()
 
 
+def check_prunable(model: nn.Module, config: PruneConfig) -> None:
+    """Refuse what cannot be pruned (quantised weights, N:M on widths M does not divide) *before*
+    anything is merged: a refused call leaves the model as it was."""
+    _check_layers(target_modules(model, config.targets), config)
+
+
 def _check_layers(modules: dict[str, nn.Module], config: PruneConfig) -> None:
     if not modules:
         raise ValueError(f"no layers to prune for targets={config.targets!r}")
@@ -353,6 +359,7 @@ def wanda_prune(model: nn.Module, batches: Iterable, config: PruneConfig | None 
     ``config.calibration_samples`` sequences are used.
     """
     config = config if config is not None else PruneConfig()
+    check_prunable(model, config)
     runner = merge_peft(model)
     modules = target_modules(runner, config.targets)
     _check_layers(modules, config)

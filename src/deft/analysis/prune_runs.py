@@ -13,7 +13,7 @@ from ..tasks.runners import TaskEvaluation
 from ..tasks.runners.glue import without_labels
 from ..training import RunDir, TrainConfig, load_run
 from .energy_runs import glue_runner
-from .prune import PruneConfig, check_sparsity, parse_n_m, target_modules, wanda_prune, weight_out_in
+from .prune import PruneConfig, check_prunable, check_sparsity, parse_n_m, target_modules, wanda_prune, weight_out_in
 
 DEFAULT_SWEEP = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -78,6 +78,7 @@ def prune_and_evaluate(run: str | Path, prune_config, *, data_dir=None, max_samp
     ``calibration`` reuses batches from :func:`calibration_batches` (a sweep draws them once).
     """
     config, model, tokenizer = load_run(RunDir(run).check())
+    check_prunable(model, prune_config)  # before merging: a refused run stays as it was
     merged = merge_peft(model)
     was_merged = merged is not model
     batches = calibration if calibration is not None else \
