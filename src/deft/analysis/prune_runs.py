@@ -77,6 +77,9 @@ def prune_and_evaluate(run: str | Path, prune_config, *, data_dir=None, max_samp
     Returns (model, tokenizer, config, info) with ``info`` as written to ``prune.json``.
     ``calibration`` reuses batches from :func:`calibration_batches` (a sweep draws them once).
     """
+    if RunDir(run).check().is_shrunk:
+        # A pruned run stores full-width weights loaded before the removal is re-applied.
+        raise ValueError(f"{run} is a shrunk run (deft shrink): prune the run before shrinking it")
     config, model, tokenizer = load_run(RunDir(run).check())
     check_prunable(model, prune_config)  # before merging: a refused run stays as it was
     merged = merge_peft(model)

@@ -1,5 +1,5 @@
-"""Deployment commands: ``deft sparsify``, ``deft density-sweep``, ``deft export``, ``deft load``,
-``deft bench-inference`` (see :mod:`deft.deploy`)."""
+"""Deployment commands: ``deft sparsify``, ``deft shrink``, ``deft density-sweep``, ``deft export``,
+``deft load``, ``deft bench-inference`` (see :mod:`deft.deploy`)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,30 @@ def cmd_sparsify(args) -> int:
     return 0
 
 
+def cmd_shrink(args) -> int:
+    from ..deploy.shrink import shrink_run
+
+    s = shrink_run(args.run, args.output, calibration_samples=args.calibration_samples,
+                   max_dead_share=args.max_dead_share, max_samples=args.max_samples, batch_size=args.batch_size,
+                   data_dir=args.data_dir)
+    before, after = s["before"], s["after"]
+    print(f"{args.run}: calibrated on {s['calibration']['samples']} training samples "
+          f"({s['calibration']['tokens']:,} tokens); removed neurons active on <= "
+          f"{100 * s['calibration']['max_dead_share']:g}% of them")
+    print(format_table(["block", "width before", "width after", "removed", "bias folded"],
+                       [(r["site"], r["width_before"], r["width_after"], pct(r["removed_share"]),
+                         "yes" if r["bias_folded"] else "no") for r in s["layers"]]))
+    print(f"neurons {s['neurons_before']:,} -> {s['neurons_after']:,} ({pct(s['neurons_removed_share'])} removed, "
+          f"{s['blocks_removed']} whole block(s)); MLP parameters {pct(s['mlp_params_removed_share'])} removed, "
+          f"model parameters {s['params_before']:,} -> {s['params_after']:,}")
+    print(format_table(["", s["main_metric"], "exact density"],
+                       [(name, f"{100 * r['metric']:.2f}", pct(r["density"]))
+                        for name, r in (("before", before), ("after", after))]))
+    print(f"{after['split']} ({after['samples']} examples; density after: over the neurons left); shrunk run saved "
+          f"in {args.output} (deft eval loads it)")
+    return 0
+
+
 def cmd_density_sweep(args) -> int:
     from pathlib import Path as _Path
 
@@ -116,7 +140,7 @@ def add_commands(sub) -> None:
     from ..adaptive import DEFAULT_SKIP_THRESHOLD
     from ..deploy import DEFAULT_CURVE
 
-    from ..deploy import DEFAULT_DENSITIES
+    from ..deploy import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_DENSITIES
 
     p = sub.add_parser("sparsify", help="calibrate activation thresholds: exact zeros at a target density",
                        description="Zeroes |a| <= τ_l at every MLP activation, τ_l calibrated on the run's training "
@@ -129,6 +153,24 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="calibrate afresh a run that already has thresholds")
     p.add_argument("--output", required=True, help="directory of the thresholded run")
     p.set_defaults(func=cmd_sparsify)
+
+    p = sub.add_parser("shrink", help="remove the MLP neurons a thresholded run never activates: a smaller dense model",
+                       description="Removes every MLP neuron that is exactly 0 on every real token of a calibration "
+                                   "set (after the run's thresholds: deft sparsify first) and writes a run that loads "
+                                   "shrunk; works at any batch size, on any hardware.")
+    p.add_argument("--run", required=True, help="thresholded run directory (deft sparsify, or --train-density)")
+    p.add_argument("--max-dead-share", type=float, default=0.0,
+                   help="also remove neurons active on at most this share of calibration tokens, their mean "
+                        "contribution folded into the down bias (default 0: only neurons never active)")
+    p.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
+                   help=f"training examples whose tokens decide which neurons are dead (default "
+                        f"{DEFAULT_CALIBRATION_SAMPLES})")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluation examples (default: the run's evaluation subset; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, else $DEFT_DATA_DIR)")
+    p.add_argument("--output", required=True, help="directory of the shrunk run")
+    p.set_defaults(func=cmd_shrink)
 
     p = sub.add_parser("density-sweep", help="metric against deployed exact density, thresholds at each target")
     p.add_argument("--run", action="append", required=True, help="a run to sweep (repeat: --run PEFT --run DEFT)")

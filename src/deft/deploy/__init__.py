@@ -9,6 +9,7 @@ from .export import (EXPORT_INFO_FILE, EXPORT_VARIANT, PEFT_EXPORT_DIR, export_m
                      load_exported, prepare_for_inference, read_export_info)
 from .measure import model_bytes, peak_memory_of_export, timed_pass
 from .sparsify import DEFAULT_CALIBRATION_SAMPLES, choose_thresholds, collect_magnitudes, sparsify_run
+from .shrink import shrink_run
 from .sparse_mlp import SparseMLP, sparsify_mlps
 from .sweep import DEFAULT_DENSITIES, density_sweep, plot_density_sweep
 
@@ -16,4 +17,4 @@ __all__ = ["DEFAULT_CURVE", "EXPORT_INFO_FILE", "EXPORT_VARIANT", "PEFT_EXPORT_D
            "export_run", "fold_alphas", "load_exported", "model_bytes", "peak_memory_of_export",
            "prepare_for_inference", "read_export_info", "timed_pass", "DEFAULT_CALIBRATION_SAMPLES",
            "choose_thresholds", "collect_magnitudes", "sparsify_run", "DEFAULT_DENSITIES", "density_sweep",
-           "plot_density_sweep", "SparseMLP", "sparsify_mlps"]
+           "plot_density_sweep", "SparseMLP", "sparsify_mlps", "shrink_run"]

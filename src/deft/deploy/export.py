@@ -29,7 +29,7 @@ from ..core.layers import float_dtype, out_features, set_module, unwrap_model
 from ..core.sites import ActivationSite, find_sites
 from ..core.thresholds import Thresholds, applied_thresholds, apply_thresholds, thresholded_modules
 from ..methods import BottleneckAdapter, applied_method, config_to_dict
-from ..training import load_run
+from ..training import RunDir, load_run
 
 EXPORT_INFO_FILE = "deft_export.json"
 EXPORT_VARIANT = "deft"  # weights of structurally reduced exports: model.deft.safetensors
@@ -170,6 +170,10 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, threshold: float | None = DEFAULT_SKIP_THRESHOLD) -> dict:
     """``deft export``: :func:`export_model` on a trained run (its tokenizer included)."""
+    if RunDir(run_dir).check().is_shrunk:
+        # load_exported rebuilds the architecture at its full MLP widths before loading weights.
+        raise ValueError(f"{run_dir} is a shrunk run (deft shrink): exporting it is not supported yet; "
+                         "load it with deft eval / deft.training.load_run")
     config, model, tokenizer = load_run(run_dir)
     return export_model(model, out_dir, threshold, tokenizer=tokenizer,
                         extra={"run": str(run_dir), "task": config.task, "model": config.model})

@@ -179,5 +179,6 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:
         load_adaptive(model, run / RunDir.ADAPTIVE, find_sites(model, config.site_point))
     model = run.apply_pruned(model)  # a `deft prune` output: merged, pruned weights
     model = run.apply_thresholds(model)  # a `deft sparsify` output: exact zeros under τ
+    model = run.apply_shrink(model)  # a `deft shrink` output: merged, dead MLP neurons removed
     model.eval()
     return config, model, tokenizer

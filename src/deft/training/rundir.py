@@ -10,6 +10,8 @@
     prune.json                `deft prune`: how it was pruned, per-layer sparsity, metric, density
     thresholds.json           `deft sparsify`: activation thresholds, re-applied on every load
     sparsify.json             `deft sparsify`: calibration, metric and density before and after
+    shrink.json               `deft shrink`: MLP neurons kept per block (+ summary); re-applied on every load
+    shrink.safetensors        `deft shrink`: what the removed neurons add to the down biases
 
 A run derived from another (``deft prune``) carries over every part that rebuilds the model
 (:data:`RunDir.MODEL_PARTS`) through :meth:`RunDir.derive`, so whatever a run holds, its
@@ -33,6 +35,7 @@ from pathlib import Path
 from torch import nn
 
 from ..adaptive import ADAPTIVE_DIR
+from ..core.neurons import SHRINK_FILE, SHRINK_WEIGHTS_FILE, NeuronRemoval, apply_removal
 from ..core.thresholds import THRESHOLDS_FILE, Thresholds, apply_thresholds
 from ..methods import merge_peft
 
@@ -49,8 +52,10 @@ class RunDir:
     PRUNED_WEIGHTS = "pruned_model.safetensors"
     PRUNE_INFO = "prune.json"
     THRESHOLDS = THRESHOLDS_FILE
+    SHRINK = SHRINK_FILE
+    SHRINK_WEIGHTS = SHRINK_WEIGHTS_FILE
     #: What rebuilds the trained model; a derived run copies all of it.
-    MODEL_PARTS = (CONFIG, METHOD, ADAPTIVE, PRUNED_WEIGHTS, THRESHOLDS)
+    MODEL_PARTS = (CONFIG, METHOD, ADAPTIVE, PRUNED_WEIGHTS, THRESHOLDS, SHRINK, SHRINK_WEIGHTS)
 
     def __init__(self, path: "str | Path | RunDir"):
         self.path = Path(path)
@@ -80,6 +85,10 @@ class RunDir:
     @property
     def has_adaptive(self) -> bool:
         return (self.path / self.ADAPTIVE).is_dir()
+
+    @property
+    def is_shrunk(self) -> bool:
+        return (self.path / self.SHRINK).is_file()
 
     @property
     def is_pruned(self) -> bool:
@@ -148,5 +157,16 @@ class RunDir:
 
         model = merge_peft(model)
         load_model(model, str(self.path / self.PRUNED_WEIGHTS), strict=True)
+        model.eval()
+        return model
+
+    def apply_shrink(self, model: nn.Module) -> nn.Module:
+        """For a `deft shrink` output: ``model`` merged (``merge_peft``, as shrinking merged it) with
+        its removed MLP neurons gone; any other run's model is returned unchanged."""
+        removal = NeuronRemoval.load(self.path)
+        if removal is None:
+            return model
+        model = merge_peft(model)
+        apply_removal(model, removal)
         model.eval()
         return model

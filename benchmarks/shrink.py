@@ -1,0 +1,172 @@
+"""Shrunk DEFT vs PEFT on MiniLM SST-2 dev: throughput at batch 1 and 32, and the metric both sides.
+
+The DEFT run is thresholded (``deft sparsify`` at ``--density``, or its own thresholds from
+``--train-density`` when ``--density`` is not given), then shrunk (``deft shrink``: the MLP
+neurons never active on ``--calibration-samples`` training examples removed). The PEFT run is the
+plain dense model, LoRA merged, no thresholds: what would be deployed without DEFT. Both are
+timed side by side on the same dev sentences (``lib.timing.interleaved_medians``: rotating
+order, median of ``--repeats`` ≥ 30 passes), each pass running the sentences in batches of 1
+and of 32; metrics on the full dev set.
+
+Rows: ``batch_size``, ``throughput_ratio`` (sentences/s shrunk / PEFT), ``metric_shrunk``,
+``metric_peft`` (points), ``neurons_removed_share``, ``blocks_removed`` (MLP blocks left with no
+neuron), plus the medians. The source runs are only read; the thresholded and shrunk runs go
+under ``--runs-dir`` and are reused. Without ``--peft-run`` / ``--deft-run`` the runs are trained
+there (``lib.runs.run_or_reuse``; DEFT with the sequence-shared density term). Writes
+``benchmarks/results/shrink.json``::
+
+    DEFT_DATA_DIR=../shared/data python benchmarks/shrink.py \\
+        --peft-run runs/deployed_density/sst2/peft+thresholds \\
+        --deft-run runs/deployed_density/sst2/deft+density_form=sequence --density 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from lib.runs import run_or_reuse
+from lib.timing import interleaved_medians
+
+from deft.core.thresholds import remove_thresholds
+from deft.deploy import sparsify_run
+from deft.deploy.shrink import shrink_run
+from deft.methods import merge_peft
+from deft.tasks.runners.glue import without_labels
+from deft.training import RunDir, TrainConfig, load_run, task_runner
+
+HERE = Path(__file__).resolve().parent
+
+
+def source_runs(args) -> tuple[Path, Path]:
+    """The PEFT and DEFT runs: as given, or trained (reused) under --runs-dir."""
+    runs = Path(args.runs_dir)
+    peft, deft = args.peft_run, args.deft_run
+    if peft is None:
+        peft = runs / "peft"
+        run_or_reuse(TrainConfig(task="sst2", mode="peft", data_dir=args.data_dir), peft, note="sst2 ")
+    if deft is None:
+        deft = runs / "deft+density_form=sequence"
+        base = TrainConfig(task="sst2", mode="deft", data_dir=args.data_dir)
+        run_or_reuse(replace(base, density=replace(base.density, form="sequence")), deft, note="sst2 ")
+    for run in (peft, deft):
+        RunDir(run).check()
+    return Path(peft), Path(deft)
+
+
+def thresholded_run(deft: Path, args) -> Path:
+    """The DEFT run with thresholds: its own (no --density), else sparsified at --density (reused)."""
+    if args.density is None:
+        if not (deft / RunDir.THRESHOLDS).is_file():
+            raise SystemExit(f"{deft} has no thresholds: give --density to sparsify it")
+        return deft
+    out = Path(args.runs_dir) / f"{deft.name}-d{args.density:g}"
+    done = RunDir(out).read_json("sparsify.json")
+    if not (done and done["source_run"] == str(deft) and done["thresholds"]["target_density"] == args.density
+            and done["thresholds"]["calibration"]["samples"] == args.calibration_samples):
+        print(f"== sparsify {deft} at density {args.density:g} -> {out}", flush=True)
+        sparsify_run(str(deft), str(out), density=args.density, calibration_samples=args.calibration_samples,
+                     force=True, data_dir=args.data_dir, progress=False)
+    return out
+
+
+def shrunk_run(source: Path, args) -> tuple[Path, dict]:
+    """``deft shrink`` of ``source`` under --runs-dir (reused when the settings match) and its summary."""
+    out = Path(args.runs_dir) / f"{source.name}-shrunk"
+    saved = RunDir(out).read_json(RunDir.SHRINK)
+    want = {"samples": args.calibration_samples, "max_dead_share": args.max_dead_share}
+    summary = saved.get("summary") if saved else None
+    if not (summary and summary["source_run"] == str(source)
+            and {k: summary["calibration"][k] for k in want} == want):
+        print(f"== shrink {source} -> {out}", flush=True)
+        summary = shrink_run(str(source), str(out), calibration_samples=args.calibration_samples,
+                             max_dead_share=args.max_dead_share, data_dir=args.data_dir, progress=False)
+    return out, summary
+
+
+def timing_batches(runner, tokenizer, args, batch_size: int) -> list[dict]:
+    _, loader = runner.loader(tokenizer, runner.task.dev_split, max_samples=args.timing_samples or None,
+                              batch_size=batch_size, data_dir=args.data_dir)
+    return list(without_labels(loader))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peft-run", default=None, help="PEFT run directory (default: trained under --runs-dir)")
+    ap.add_argument("--deft-run", default=None, help="DEFT run directory (default: trained under --runs-dir)")
+    ap.add_argument("--density", type=float, default=None,
+                    help="sparsify the DEFT run at this target density (default: use its own thresholds)")
+    ap.add_argument("--calibration-samples", type=int, default=256,
+                    help="training examples for the thresholds and the dead-neuron count (default 256)")
+    ap.add_argument("--max-dead-share", type=float, default=0.0, help="deft shrink --max-dead-share (default 0)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--timing-samples", type=int, default=256, help="dev sentences per timed pass (0 = all)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed passes per variant (median; >= 30)")
+    ap.add_argument("--max-eval-samples", type=int, default=0, help="dev examples for the metrics (0 = all)")
+    ap.add_argument("--data-dir", default=None, help="data directory (default: the runs', else $DEFT_DATA_DIR)")
+    ap.add_argument("--runs-dir", default="runs/shrink", help="where derived (and default) runs go")
+    ap.add_argument("--out", default=str(HERE / "results" / "shrink.json"))
+    args = ap.parse_args()
+    if args.repeats < 30:
+        ap.error("--repeats must be >= 30 (medians of fewer passes are noise on a shared machine)")
+
+    peft_dir, deft_dir = source_runs(args)
+    shrunk_dir, summary = shrunk_run(thresholded_run(deft_dir, args), args)
+    config, peft, tokenizer = load_run(peft_dir)
+    peft = merge_peft(remove_thresholds(peft))  # the dense PEFT model as deployed: no thresholds, LoRA merged
+    _, shrunk, _ = load_run(shrunk_dir)
+    runner = task_runner(config)
+    metric = runner.task.main_metric
+    metrics = {name: 100 * runner.evaluate_model(model, tokenizer, max_samples=args.max_eval_samples,
+                                                 data_dir=args.data_dir, progress=False).metrics[metric]
+               for name, model in (("peft", peft), ("shrunk", shrunk))}
+    print(f"{runner.task.main_metric}: PEFT {metrics['peft']:.2f}, shrunk DEFT {metrics['shrunk']:.2f}; "
+          f"{100 * summary['neurons_removed_share']:.1f}% of MLP neurons removed", flush=True)
+
+    rows = []
+    with torch.inference_mode():
+        for batch_size in args.batch_sizes:
+            batches = timing_batches(runner, tokenizer, args, batch_size)
+            sentences = sum(b["input_ids"].shape[0] for b in batches)
+
+            def over(model):
+                return lambda: [model(**b) for b in batches]
+
+            t = interleaved_medians({"peft": over(peft), "shrunk": over(shrunk)}, repeats=args.repeats, warmup=2)
+            med = {k: v["median"] for k, v in t.items()}
+            row = {"batch_size": batch_size, "throughput_ratio": med["peft"] / med["shrunk"],
+                   "metric_shrunk": metrics["shrunk"], "metric_peft": metrics["peft"],
+                   "neurons_removed_share": summary["neurons_removed_share"],
+                   "blocks_removed": summary["blocks_removed"],
+                   "mlp_params_removed_share": summary["mlp_params_removed_share"],
+                   "sentences_per_pass": sentences, "median_seconds": med,
+                   "throughput": {k: sentences / v for k, v in med.items()}, "repeats": args.repeats}
+            rows.append(row)
+            print(f"batch {batch_size:>3}: PEFT {row['throughput']['peft']:8.1f}/s  shrunk "
+                  f"{row['throughput']['shrunk']:8.1f}/s  (x{row['throughput_ratio']:.3f})", flush=True)
+
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg()},
+        "peft_run": str(peft_dir), "deft_run": str(deft_dir), "shrunk_run": str(shrunk_dir),
+        "density": args.density, "calibration_samples": args.calibration_samples,
+        "max_dead_share": args.max_dead_share, "main_metric": runner.task.main_metric,
+        "shrink": {k: summary[k] for k in ("neurons_before", "neurons_after", "neurons_removed_share",
+                                           "blocks_removed", "mlp_params_removed_share", "params_before",
+                                           "params_after", "layers")},
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
