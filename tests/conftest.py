@@ -236,6 +236,22 @@ def shared_data() -> Path:
     return require_shared_data()
 
 
+def tiny_run_config(root: Path, **overrides):
+    """A TrainConfig for a two-step SST-2 run of a tiny BERT (hidden 32, MiniLM's vocabulary) saved
+    under ``root/tiny``: the trained run that command-level tests start from."""
+    from deft.training import TrainConfig
+
+    data = require_shared_data()
+    if not (root / "tiny").is_dir():
+        torch.manual_seed(0)
+        T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                    add_pooling_layer=True).save_pretrained(root / "tiny")
+    base = dict(model=str(root / "tiny"), tokenizer="minilm", task="sst2", max_train_samples=32,
+                max_eval_samples=16, batch_size=8, eval_batch_size=8, max_steps=2, max_length=24,
+                data_dir=str(data))
+    return TrainConfig(**{**base, **overrides})
+
+
 def require_shared_data() -> Path:
     """:func:`shared_data` for module-scoped fixtures (which cannot take a function-scoped one)."""
     if not (SHARED_DATA / "glue").is_dir():

@@ -3,8 +3,6 @@
 import json
 
 import pytest
-import torch
-import transformers as T
 
 from deft.cli import main
 from deft.core.loss import DensityLossConfig
@@ -16,18 +14,12 @@ SAMPLES = ["--max-samples", "4"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A PEFT and a DEFT LoRA run of two steps on a tiny BERT with MiniLM's vocabulary."""
-    from conftest import require_shared_data
+    from conftest import tiny_run_config
 
-    SHARED_DATA = require_shared_data()
     root = tmp_path_factory.mktemp("eff")
-    torch.manual_seed(0)
-    T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-                add_pooling_layer=True).save_pretrained(root / "tiny")
-    base = dict(model=str(root / "tiny"), tokenizer="minilm", task="sst2", method="lora", max_train_samples=8,
-                max_eval_samples=4, batch_size=4, eval_batch_size=4, max_steps=2, max_length=16,
-                data_dir=str(SHARED_DATA))
-    train(TrainConfig(mode="peft", **base), root / "peft", progress=False)
-    train(TrainConfig(mode="deft", density=DensityLossConfig(weight=5.0, eps=1e-2), **base), root / "deft",
+    small = dict(max_train_samples=8, max_eval_samples=4, batch_size=4, eval_batch_size=4, max_length=16)
+    train(tiny_run_config(root, mode="peft", **small), root / "peft", progress=False)
+    train(tiny_run_config(root, density=DensityLossConfig(weight=5.0, eps=1e-2), **small), root / "deft",
           progress=False)
     return root
 

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-import transformers as T
 from conftest import build, make_inputs, make_model
 
 from deft.cli import main
@@ -20,7 +19,7 @@ from deft.core.thresholds import Thresholds, apply_thresholds
 from deft.deploy.shrink import NeuronActivity, measure_activity, plan_removal
 from deft.methods import merge_peft
 from deft.tasks.runners.glue import without_labels
-from deft.training import RunDir, TrainConfig, load_run, task_runner, train
+from deft.training import RunDir, load_run, task_runner, train
 
 FAMILIES = ("bert", "gpt2", "llama")  # plain Linear, Conv1D (weights (in, out)), gated MLP without biases
 
@@ -168,17 +167,10 @@ CALIBRATION = 64
 def runs(tmp_path_factory):
     """A tiny trained run, thresholded with one τ that kills about half the neurons of the
     calibration set (deft sparsify --tau), and its shrunk run (deft shrink)."""
-    from conftest import require_shared_data
+    from conftest import tiny_run_config
 
-    SHARED_DATA = require_shared_data()
     root = tmp_path_factory.mktemp("shrink")
-    torch.manual_seed(0)
-    T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-                add_pooling_layer=True).save_pretrained(root / "tiny")
-    config = TrainConfig(model=str(root / "tiny"), tokenizer="minilm", task="sst2", max_train_samples=32,
-                         max_eval_samples=16, batch_size=8, eval_batch_size=8, max_steps=2, max_length=24,
-                         data_dir=str(SHARED_DATA))
-    train(config, root / "run", progress=False)
+    train(tiny_run_config(root), root / "run", progress=False)
     assert main(["sparsify", "--run", str(root / "run"), "--tau", "0.15", "--calibration-samples", "16",
                  "--output", str(root / "sparse")]) == 0
     assert main(["shrink", "--run", str(root / "sparse"), "--calibration-samples", str(CALIBRATION),

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-import transformers as T
-from conftest import FAMILIES, TEXT_FAMILIES, make_inputs, make_model
+from conftest import TEXT_FAMILIES, make_inputs, make_model
 
 from deft.adaptive import AdaptiveConfig, apply_adaptive
 from deft.cli import main
@@ -19,7 +18,7 @@ from deft.core.thresholds import (ThresholdedActivation, Thresholds, applied_thr
                                   remove_thresholds, thresholded_modules)
 from deft.deploy import choose_thresholds, export_model, load_exported
 from deft.deploy.sparsify import MagnitudeSampler
-from deft.training import RunDir, TrainConfig, load_run, train
+from deft.training import RunDir, load_run, train
 
 
 def test_thresholded_activation_zeroes_exactly_what_a_loop_says():
@@ -108,17 +107,10 @@ def test_bad_thresholds_are_refused():
 # -- runs and commands -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import require_shared_data
+    from conftest import tiny_run_config
 
-    SHARED_DATA = require_shared_data()
     root = tmp_path_factory.mktemp("thr")
-    torch.manual_seed(0)
-    T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
-                add_pooling_layer=True).save_pretrained(root / "tiny")
-    config = TrainConfig(model=str(root / "tiny"), tokenizer="minilm", task="sst2", max_train_samples=32,
-                         max_eval_samples=16, batch_size=8, eval_batch_size=8, max_steps=2, max_length=24,
-                         data_dir=str(SHARED_DATA))
-    train(config, root / "run", progress=False)
+    train(tiny_run_config(root), root / "run", progress=False)
     return root
 
 
