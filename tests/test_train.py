@@ -253,3 +253,26 @@ def test_deft_lowers_density(act, tiny_bert_dir, shared_data, tmp_path):
     before, after = [r[key] for r in d0["per_layer"]], [r[key] for r in d1["per_layer"]]
     assert sum(after) / len(after) < sum(before) / len(before) - 0.05, (before, after)
     assert all(a < b for a, b in zip(after, before)), (before, after)  # every layer, not one outlier
+
+
+def test_an_output_holding_another_run_is_refused_unless_overwritten(tiny_bert_dir, shared_data, tmp_path, capsys):
+    """Issue: a second run into the same --output silently replaced a finished run, and a later
+    --resume picked up the first run's checkpoints (its λ 1 weights saved labelled λ 0.5)."""
+    from deft.cli import main
+
+    out = tmp_path / "run"
+    first = train(tiny_config(tiny_bert_dir, shared_data, evals_per_epoch=1), out, progress=False)
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny_config(tiny_bert_dir, shared_data, density=DensityLossConfig(weight=0.5)), out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == saved  # nothing touched
+    argv = ["train", "--model", tiny_bert_dir, "--tokenizer", "minilm", "--max-train-samples", "16",
+            "--max-eval-samples", "16", "--batch-size", "8", "--max-steps", "2", "--max-length", "32",
+            "--data-dir", str(shared_data), "--lambda", "0.5", "--output", str(out)]
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    old_checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert old_checkpoints
+    assert main([*argv, "--overwrite"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["config"]["density"]["weight"] == 0.5 and first["config"]["density"]["weight"] == 1.0
+    assert second["resumed_from"] is None

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--output", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --output (its checkpoints are deleted first)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="PEFT vs DEFT with identical settings (the main job)")

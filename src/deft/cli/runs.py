@@ -126,7 +126,7 @@ def _print_run(results: dict) -> None:
 def cmd_train(args) -> int:
     from ..training import train
 
-    results = train(train_config(args), args.output, resume=args.resume)
+    results = train(train_config(args), args.output, resume=args.resume, overwrite=args.overwrite)
     _print_run(results)
     print(f"run saved in {args.output}")
     return 0

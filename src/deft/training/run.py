@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -58,13 +59,24 @@ def build_model(config: TrainConfig, tokenizer, runner: TaskRunner):
     return method, method_config, model
 
 
-def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run (PEFT or DEFT) and write the run directory; returns ``results.json``'s content."""
+def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Train one run (PEFT or DEFT) and write the run directory; returns ``results.json``'s content.
+
+    A directory that already holds a run is refused unless ``resume`` (same settings: continue from
+    its last checkpoint) or ``overwrite`` (replace it; its checkpoints are deleted first, so a later
+    resume can never pick up the replaced run's weights).
+    """
     from transformers import TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     run = RunDir(output_dir)
     out = run.path
+    if run.is_run() and not resume and not overwrite:
+        raise ValueError(f"{out} already holds a run ({RunDir.CONFIG}); --resume continues it, --overwrite "
+                         "replaces it, or choose another --output")
+    if overwrite and not resume and run.checkpoints.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(run.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     if resume and run.is_run():
         if run.read_config() != json.loads(json.dumps(config.to_dict())):
