@@ -276,3 +276,23 @@ def test_an_output_holding_another_run_is_refused_unless_overwritten(tiny_bert_d
     second = json.loads((out / "results.json").read_text())
     assert second["config"]["density"]["weight"] == 0.5 and first["config"]["density"]["weight"] == 1.0
     assert second["resumed_from"] is None
+
+
+def test_save_steps_checkpoints_mid_epoch_and_resume_says_what_it_found(tiny_bert_dir, shared_data, tmp_path,
+                                                                         capsys):
+    """Issue: checkpoints came only at evaluations (once per epoch by default), and --resume with
+    no checkpoint silently started from scratch."""
+    cfg = tiny_config(tiny_bert_dir, shared_data, max_train_samples=64, max_steps=3, save_steps=1)
+    train(cfg, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    without = tiny_config(tiny_bert_dir, shared_data, max_train_samples=64, max_steps=3)
+    train(without, tmp_path / "eval-only", progress=False)  # 8 steps per epoch: only the end's checkpoint
+    assert sorted(p.name for p in (tmp_path / "eval-only" / "checkpoints").iterdir()) == ["checkpoint-3"]
+    capsys.readouterr()
+    train(without, tmp_path / "fresh", resume=True, progress=True)
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "run" / "run_config.json").unlink()  # longer run, same weights: allowed once the old config is gone
+    resumed = train(replace(cfg, max_steps=4), tmp_path / "run", resume=True, progress=True)
+    assert "resuming from" in capsys.readouterr().err and resumed["resumed_from"].endswith("checkpoint-3")
+    with pytest.raises(ValueError, match="save_steps"):
+        tiny_config(tiny_bert_dir, shared_data, save_steps=0)

@@ -70,6 +70,8 @@ def train_args(p):
                    help=f"τ of the reported |a| > τ density (default {d('threshold'):g})")
     p.add_argument("--evals-per-epoch", type=int, default=None,
                    help=f"evaluations (and checkpoints) per epoch (default {d('evals_per_epoch')})")
+    p.add_argument("--save-steps", type=int, default=None,
+                   help="checkpoint every this many steps, for --resume (default: at every evaluation)")
     p.add_argument("--data-dir", default=None, help="data directory (default: $DEFT_DATA_DIR, else the hub)")
     p.add_argument("--ada", action="store_true",
                    help="ADA-PEFT / ADA-DEFT: a trainable weight α per MLP block (blocks can then be skipped)")

@@ -71,6 +71,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     threshold: float = 1e-2
     evals_per_epoch: int = 1
+    save_steps: int | None = None  # checkpoint interval in steps (None: at every evaluation)
     seed: int = 0
     data_dir: str | None = None
     site_point: str = "act"
@@ -103,6 +104,8 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "max_length", "gradient_accumulation_steps", "evals_per_epoch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"save_steps must be >= 1, got {self.save_steps}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("train for epochs > 0 or max_steps > 0")
         check_activation(self.activation, self.activation_shift)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         # Re-entrant checkpointing runs the forward without gradients: the density terms would be lost.
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         eval_strategy="steps", eval_steps=eval_every,
-        save_strategy="steps", save_steps=eval_every, save_total_limit=2,
+        save_strategy="steps", save_steps=config.save_steps or eval_every, save_total_limit=2,
         logging_steps=max(1, min(10, eval_every)),
         seed=config.seed, data_seed=config.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(),
@@ -145,6 +146,9 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     if config.density_loss is not None and config.density.eps_final is not None:
         trainer.add_callback(epsilon_schedule(trainer.capture, config.density, total_steps))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    if resume and progress and int(os.environ.get("RANK", "0")) == 0:  # say what --resume found
+        print(f"resuming from {checkpoint}" if checkpoint else
+              f"--resume: no checkpoint in {args.output_dir} yet, training from the start", file=sys.stderr)
     started = time.perf_counter()
     if adaptive and checkpoint and (Path(checkpoint) / RunDir.ADAPTIVE).is_dir():
         adaptive.load(Path(checkpoint) / RunDir.ADAPTIVE)  # peft checkpoints hold no α
