@@ -172,7 +172,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..tasks.hub import DataNotAvailableError
     from ..training import NonFiniteLossError
 
-    return (ModelNotAvailableError, DataNotAvailableError, NonFiniteLossError, ValueError, FileNotFoundError, KeyError)
+    return (ModelNotAvailableError, DataNotAvailableError, NonFiniteLossError, ValueError, FileNotFoundError, KeyError,
+            PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"deft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = f"; `deft {args.command} ... --resume` continues from the last checkpoint in " \
+                 f"{args.output}" if args.command == "train" else ""
+        print(f"deft {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -93,6 +93,11 @@ def train_config(args):
     from ..core.loss import DensityLossConfig
     from ..training import TrainConfig
 
+    # Checked first, under the command line's names, before anything loads.
+    for option, name in (("lam", "--lambda"), ("max_train_samples", "--max-train-samples"),
+                         ("max_eval_samples", "--max-eval-samples")):
+        if getattr(args, option, None) is not None and getattr(args, option) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(args, option)}")
     given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items()
              if getattr(args, option, None) is not None}
     density = {field: getattr(args, option) for option, field in DENSITY_OPTIONS.items()
@@ -100,7 +105,12 @@ def train_config(args):
     if density:
         given["density"] = DensityLossConfig(**density)
     if args.method_options is not None:
-        given["method_options"] = json.loads(args.method_options)
+        try:
+            given["method_options"] = json.loads(args.method_options)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--method-options is not valid JSON ({err}): e.g. '{{\"r\": 16}}'") from None
+        if not isinstance(given["method_options"], dict):
+            raise ValueError("--method-options must be a JSON object, e.g. '{\"r\": 16}'")
     if args.max_train_samples is not None:
         given["max_train_samples"] = args.max_train_samples or None  # 0 = the full set
     if getattr(args, "peft", False):

@@ -76,20 +76,25 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     if run.is_run() and not resume and not overwrite:
         raise ValueError(f"{out} already holds a run ({RunDir.CONFIG}); --resume continues it, --overwrite "
                          "replaces it, or choose another --output")
-    if overwrite and not resume and run.checkpoints.is_dir() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(run.checkpoints)
-    out.mkdir(parents=True, exist_ok=True)
     if resume and run.is_run():
         if run.read_config() != json.loads(json.dumps(config.to_dict())):
             raise ValueError(f"--resume: {run / RunDir.CONFIG} was written with different settings; "
                              "resume with the same options or use a new --output")
+    runner = task_runner(config)
+    task = runner.task
+    tokenizer = load_tokenizer(config.model, config.tokenizer)
+    # The data first: a missing split or an empty file fails before a model loads or anything is written.
+    train_set, dev_set = runner.datasets(tokenizer)
+    if len(train_set) == 0 or len(dev_set) == 0:
+        raise ValueError(f"no {'training' if len(train_set) == 0 else 'evaluation'} examples for task {task.name} "
+                         f"(data dir {config.data_dir or 'the hub'}): the file holds a header only?")
+    if overwrite and not resume and run.checkpoints.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(run.checkpoints)
+    out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         run.write_json(RunDir.CONFIG, config.to_dict())
 
-    runner = task_runner(config)
-    task = runner.task
     set_seed(config.seed)
-    tokenizer = load_tokenizer(config.model, config.tokenizer)
     method, method_config, model = build_model(config, tokenizer, runner)
     model = method.apply(model, method_config, task_type=runner.task_type)
     sites = find_sites(model, config.site_point)
@@ -100,7 +105,6 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     in_loop = add_in_loop_thresholds(model, sites, config.ste, config.train_density) \
         if config.train_density is not None else {}
     trainable, total = trainable_parameters(model)
-    train_set, dev_set = runner.datasets(tokenizer)
 
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.gradient_accumulation_steps))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
