@@ -23,7 +23,6 @@ there (``lib.runs.run_or_reuse``; DEFT with the sequence-shared density term). W
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from dataclasses import replace
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 from lib.runs import run_or_reuse
+from lib.results import write_result
 from lib.timing import interleaved_medians
 
 from deft.core.thresholds import remove_thresholds
@@ -162,10 +162,7 @@ def main() -> None:
                                            "params_after", "layers")},
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ torch threads, load average). Writes ``benchmarks/results/sparse_mlp.json``::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lib.results import write_result
 from lib.timing import interleaved_medians
 
 from deft.deploy.sparse_kernel import (compiled_kernel, extension_name, kernel_unavailable_reason,
@@ -171,10 +171,7 @@ def main() -> None:
                     "load_average": os.getloadavg(), "kernel": extension_name()},
         "quick": args.quick, "densities": list(DENSITIES), "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
