@@ -8,24 +8,12 @@ from pathlib import Path
 
 from ..io.models import load_tokenizer
 from ..methods import merge_peft
-from ..tasks import get_task
-from ..tasks.runners import TaskEvaluation
 from ..tasks.runners.glue import without_labels
 from ..training import RunDir, TrainConfig, load_run
 from .energy_runs import glue_runner
 from .prune import PruneConfig, check_prunable, check_sparsity, parse_n_m, target_modules, wanda_prune, weight_out_in
 
 DEFAULT_SWEEP = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def evaluation_summary(out: TaskEvaluation, config: TrainConfig) -> dict:
-    """The metric and density keys of ``prune.json`` / ``sweep.json`` from one evaluation."""
-    task = get_task(config.task)
-    d = out.density
-    return {"split": out.split, "samples": out.samples, "metrics": out.metrics, "main_metric": task.main_metric,
-            "metric": out.metrics[task.main_metric], "density": d["overall"],
-            "density_threshold": d["threshold"]["overall"], "union_density": d["union"]["overall"],
-            "density_report": d}
 
 
 def save_pruned_run(model, source_run: str | Path, output_dir: str | Path, info: dict) -> RunDir:
@@ -87,9 +75,10 @@ def prune_and_evaluate(run: str | Path, prune_config, *, data_dir=None, max_samp
     batches = calibration if calibration is not None else \
         calibration_batches(tokenizer, config, prune_config, data_dir=data_dir)
     achieved = wanda_prune(merged, batches, prune_config)
-    result = evaluation_summary(glue_runner(config, "pruning").evaluate_model(
-        merged, tokenizer, data_dir=data_dir, max_samples=max_samples, batch_size=batch_size, threshold=threshold,
-        progress=progress), config)
+    runner = glue_runner(config, "pruning")
+    result = runner.evaluate_model(merged, tokenizer, data_dir=data_dir, max_samples=max_samples,
+                                   batch_size=batch_size, threshold=threshold,
+                                   progress=progress).summary(runner.task.main_metric)
     info = {
         "source_run": str(run), "mode": config.mode, "method": config.method, "task": config.task,
         "prune": prune_config.to_dict(), "merged": was_merged,

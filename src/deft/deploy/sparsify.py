@@ -110,11 +110,7 @@ def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, d
 
 def evaluation_summary(runner, model, tokenizer, **options) -> dict:
     """Main metric and densities of one evaluation of ``model`` by the task's runner."""
-    out = runner.evaluate_model(model, tokenizer, **options)
-    main = runner.task.main_metric
-    return {"split": out.split, "samples": out.samples, "metric": out.metrics[main], "metrics": out.metrics,
-            "density": out.density["overall"], "union_density": out.density["union"]["overall"],
-            "density_report": out.density}
+    return runner.evaluate_model(model, tokenizer, **options).summary(runner.task.main_metric)
 
 
 def sparsify_run(run: str, output: str, *, density: float | None = None, tau: float | None = None,

@@ -27,6 +27,14 @@ class TaskEvaluation:
     samples: int
     extra: dict = field(default_factory=dict)
 
+    def summary(self, main_metric: str) -> dict:
+        """The flat keys results files use: main metric, exact / |a|>τ / union density, the report."""
+        d = self.density
+        return {"split": self.split, "samples": self.samples, "metrics": self.metrics, "main_metric": main_metric,
+                "metric": self.metrics[main_metric], "density": d["overall"],
+                "density_threshold": d["threshold"]["overall"], "union_density": d["union"]["overall"],
+                "density_report": d}
+
 
 class TaskRunner:
     """The task-specific half of a run: which head to load, the data, the collator, the metrics,
