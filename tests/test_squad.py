@@ -434,3 +434,18 @@ def test_gather_strided_restores_question_order(monkeypatch):
 
     monkeypatch.setattr(dist, "all_gather_object", fake_all_gather_object)
     assert _gather_strided(answers[1::world], world, len(answers)) == answers
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_sparsify_calibrates_on_squad_training_windows(family, tiny_dirs, squad_data, short_answers, tmp_path):
+    # Gate thresholds on a decoder (CATS) and on an encoder, calibrated on SQuAD's training windows:
+    # the calibrated density is the target, and evaluation runs with the thresholds in place.
+    from deft.deploy import sparsify_run
+
+    train(_config(tiny_dirs[family], squad_data, "peft"), tmp_path / "run", progress=False)
+    payload = sparsify_run(str(tmp_path / "run"), str(tmp_path / "sparse"), density=0.4, calibration_samples=4,
+                           progress=False)
+    assert payload["thresholds"]["calibration"]["density"] == pytest.approx(0.4, abs=0.01)
+    assert payload["thresholds"]["calibration"]["tokens"] > 0
+    assert payload["after"]["density"] < payload["before"]["density"]
+    assert payload["after"]["density_report"]["thresholds"]["target_density"] == 0.4

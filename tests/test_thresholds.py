@@ -101,7 +101,7 @@ def test_bad_thresholds_are_refused():
     with pytest.raises(ValueError, match=">= 0"):
         Thresholds(taus={"x": -1.0}, mode="tau")
     with pytest.raises(ValueError, match="unknown threshold mode"):
-        Thresholds(taus={}, mode="greedy")
+        Thresholds(taus={}, mode="bogus")
 
 
 # -- runs and commands -----------------------------------------------------------------------------

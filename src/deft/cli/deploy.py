@@ -125,9 +125,10 @@ def cmd_density_sweep(args) -> int:
 def _threshold_options(p) -> None:
     from ..deploy import DEFAULT_CALIBRATION_SAMPLES
 
-    p.add_argument("--mode", default="uniform", choices=("uniform", "global"),
+    p.add_argument("--mode", default="uniform", choices=("uniform", "global", "greedy"),
                    help="uniform: every layer at the target density; global: one τ whose mean layer density is the "
-                        "target (default uniform)")
+                        "target; greedy: per-layer densities with the target as mean, lowered first where the "
+                        "block's output error grows least (default uniform)")
     p.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
                    help=f"training examples the thresholds are calibrated on (default {DEFAULT_CALIBRATION_SAMPLES})")
     p.add_argument("--max-samples", type=int, default=None,

@@ -24,7 +24,7 @@ from .layers import ActivationWrapper, set_module, unwrap_model
 from .sites import find_sites
 
 THRESHOLDS_FILE = "thresholds.json"
-MODES = ("uniform", "global", "tau", "trained")
+MODES = ("uniform", "global", "greedy", "tau", "trained")
 #: Magnitudes kept per layer (a random subset beyond this): quantiles from 2M samples are exact
 #: to well under a density point, and memory stays bounded on wide models.
 MAX_VALUES_PER_SITE = 2_000_000

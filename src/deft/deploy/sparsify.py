@@ -7,10 +7,13 @@ keeps the magnitudes |a| of every MLP activation on real tokens. Then:
 * ``uniform`` — every layer at the target density d: τ_l is the (1 − d) quantile of |a_l|;
 * ``global`` — one τ for all layers, chosen so that the mean layer density is d (layers whose
   activations are small end sparser, others denser);
+* ``greedy`` — per-layer densities with mean d, allocated where the block output error grows
+  least (TEAL's block-wise greedy idea, :mod:`deft.deploy.greedy`);
 * ``tau`` — one τ given by hand.
 
-(TEAL's block-wise greedy allocation is not implemented.) The magnitudes are of σ's output; on
-an ADA-DEFT run, whose sites output α·σ, they are divided by |α| so that τ is in σ's units.
+The magnitudes are of σ's output; on an ADA-DEFT run, whose sites output α·σ, they are divided
+by |α| so that τ is in σ's units. Calibration data: the run's task's training split (GLUE
+sentences; SQuAD training windows, for the generative form prompt and answer).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from ..core.capture import ActivationCapture
 from ..core.sites import find_sites
 from ..core.thresholds import (MagnitudeSampler, Thresholds, apply_thresholds, quantile_of_magnitudes,
                                remove_thresholds)
-from ..tasks.runners.glue import GlueRunner, without_labels
 from ..training import RunDir, TrainConfig, load_run, task_runner
+from .greedy import RowSampler, greedy_taus
 
 DEFAULT_CALIBRATION_SAMPLES = 256
+MODES = ("uniform", "global", "greedy")
 
 
 def check_request(density: float | None, tau: float | None, mode: str, calibration_samples: int) -> None:
@@ -40,36 +44,68 @@ def check_request(density: float | None, tau: float | None, mode: str, calibrati
         raise ValueError(f"--density is a share of active entries in (0, 1], got {density}")
     if tau is not None and not tau >= 0:
         raise ValueError(f"--tau must be >= 0, got {tau}")
-    if mode not in ("uniform", "global"):
-        raise ValueError(f"unknown --mode {mode!r}; choose uniform or global")
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     if calibration_samples < 1:
         raise ValueError(f"--calibration-samples must be >= 1, got {calibration_samples}")
 
 
+class Calibration:
+    """What one calibration pass measured: site paths, |a| per site (in σ's units), real tokens,
+    and — when asked for — rows of A and of the down projection's input per site (greedy mode)."""
+
+    def __init__(self, paths, magnitudes, tokens, sites=None, acts=None, inputs=None):
+        self.paths, self.magnitudes, self.tokens = paths, magnitudes, tokens
+        self.sites, self.acts, self.inputs = sites, acts, inputs
+
+
 @torch.no_grad()
-def collect_magnitudes(model: nn.Module, tokenizer, config: TrainConfig, *, samples: int = DEFAULT_CALIBRATION_SAMPLES,
-                       batch_size: int = 32, data_dir: str | None = None) -> tuple[list[str], list[torch.Tensor], int]:
-    """(site paths, |a| per site, real tokens) over ``samples`` training examples of the run's task.
-    The model is measured as given: remove thresholds first to calibrate afresh."""
+def calibrate(model: nn.Module, tokenizer, config: TrainConfig, *, samples: int = DEFAULT_CALIBRATION_SAMPLES,
+              batch_size: int = 32, data_dir: str | None = None, rows: bool = False) -> Calibration:
+    """One pass over ``samples`` training examples of the run's task, measuring the model as given
+    (remove thresholds first to calibrate afresh). ``rows``: also keep block rows for greedy."""
     runner = task_runner(config)
-    if not isinstance(runner, GlueRunner):
-        raise ValueError(f"thresholds are calibrated on GLUE tasks so far; {config.task!r} is a {runner.task.kind} task")
-    _, loader = runner.loader(tokenizer, "train", max_samples=samples, batch_size=batch_size, data_dir=data_dir)
     sites = find_sites(model, "act")
     handle = adaptive_weights(model)
     alphas = handle.alphas() if handle is not None else {}
     scale = [max(abs(alphas.get(s.module, 1.0)), 1e-12) for s in sites]
     sampler = MagnitudeSampler(len(sites), scale)
+    captures = [ActivationCapture(model, sites, meter=sampler)]
+    if rows:
+        products = {(s.stack, s.layer): s for s in find_sites(model, "product")}
+        missing = [s.module for s in sites if (s.stack, s.layer) not in products]
+        if missing:
+            raise ValueError(f"greedy allocation needs each block's down projection; none found for {missing[:3]}")
+        product_sites = type(sites)(tuple(products[(s.stack, s.layer)] for s in sites), sites.family,
+                                    sites.model_type, "product")
+        act_rows, input_rows = RowSampler(len(sites)), RowSampler(len(sites))
+        captures += [ActivationCapture(model, sites, meter=act_rows),
+                     ActivationCapture(model, product_sites, meter=input_rows)]
     device = model_device(model)
     was_training = model.training
     model.eval()
     try:
-        with ActivationCapture(model, sites, meter=sampler):
-            for batch in without_labels(loader):
-                call_model(model, move_batch(batch, device))
+        for capture in captures:
+            capture.attach()
+        for batch in runner.calibration_batches(tokenizer, model, samples=samples, batch_size=batch_size,
+                                                data_dir=data_dir):
+            call_model(model, move_batch(batch, device))
     finally:
+        for capture in captures:
+            capture.detach()
         model.train(was_training)
-    return [s.module for s in sites], sampler.result(config.seed), sampler.tokens
+    result = Calibration([s.module for s in sites], sampler.result(config.seed), sampler.tokens, sites)
+    if rows:
+        result.acts = [a / k for a, k in zip(act_rows.result(), scale)]
+        result.inputs = input_rows.result()
+    return result
+
+
+def collect_magnitudes(model: nn.Module, tokenizer, config: TrainConfig, *, samples: int = DEFAULT_CALIBRATION_SAMPLES,
+                       batch_size: int = 32, data_dir: str | None = None) -> tuple[list[str], list[torch.Tensor], int]:
+    """(site paths, |a| per site, real tokens) over ``samples`` training examples of the run's task."""
+    c = calibrate(model, tokenizer, config, samples=samples, batch_size=batch_size, data_dir=data_dir)
+    return c.paths, c.magnitudes, c.tokens
 
 
 def density_at(values: torch.Tensor, tau: float) -> float:
@@ -93,12 +129,19 @@ def global_tau(values: Sequence[torch.Tensor], density: float, iterations: int =
 
 
 def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, density: float | None = None,
-                      tau: float | None = None, mode: str = "uniform", tokens: int = 0, samples: int = 0) -> Thresholds:
-    """Thresholds for these sites from their calibration magnitudes (module doc)."""
+                      tau: float | None = None, mode: str = "uniform", tokens: int = 0, samples: int = 0,
+                      model: nn.Module | None = None, calibration: Calibration | None = None) -> Thresholds:
+    """Thresholds for these sites from their calibration magnitudes (module doc); ``greedy`` also
+    needs the model and a calibration with rows."""
     if tau is not None:
         taus, mode = {p: float(tau) for p in paths}, "tau"
     elif mode == "uniform":
         taus = {p: quantile_of_magnitudes(v, 1 - density) for p, v in zip(paths, values)}
+    elif mode == "greedy":
+        if model is None or calibration is None or calibration.acts is None:
+            raise ValueError("greedy thresholds need the model and a calibration with rows (calibrate(rows=True))")
+        chosen, _ = greedy_taus(model, calibration.sites, values, calibration.acts, calibration.inputs, density)
+        taus = dict(zip(paths, chosen))
     else:
         one = global_tau(values, density)
         taus = {p: one for p in paths}
@@ -131,10 +174,11 @@ def sparsify_run(run: str, output: str, *, density: float | None = None, tau: fl
     options = dict(max_samples=max_samples, batch_size=batch_size, data_dir=data_dir, progress=progress)
     before = evaluation_summary(runner, model, tokenizer, **options)
     remove_thresholds(model)
-    paths, values, tokens = collect_magnitudes(model, tokenizer, config, samples=calibration_samples,
-                                               data_dir=data_dir)
-    thresholds = choose_thresholds(paths, values, density=density, tau=tau, mode=mode, tokens=tokens,
-                                   samples=calibration_samples)
+    calibration = calibrate(model, tokenizer, config, samples=calibration_samples, data_dir=data_dir,
+                            rows=mode == "greedy" and tau is None)
+    thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=density, tau=tau, mode=mode,
+                                   tokens=calibration.tokens, samples=calibration_samples, model=model,
+                                   calibration=calibration)
     apply_thresholds(model, thresholds)
     after = evaluation_summary(runner, model, tokenizer, **options)
     source.derive(output)

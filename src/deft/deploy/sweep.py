@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.thresholds import apply_thresholds, remove_thresholds
 from ..training import RunDir, load_run, task_runner
-from .sparsify import DEFAULT_CALIBRATION_SAMPLES, choose_thresholds, collect_magnitudes, evaluation_summary
+from .sparsify import DEFAULT_CALIBRATION_SAMPLES, MODES, calibrate, choose_thresholds, evaluation_summary
 
 DEFAULT_DENSITIES = (1.0, 0.5, 0.4, 0.3, 0.2, 0.1)
 
@@ -29,8 +29,8 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
     """The ``sweep.json`` payload: per run, per target density (1 = untouched, no thresholds), the
     metric, the deployed exact density and the union density on the run's evaluation split."""
     targets = check_densities(densities)
-    if mode not in ("uniform", "global"):
-        raise ValueError(f"unknown --mode {mode!r}; choose uniform or global")
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     if calibration_samples < 1:
         raise ValueError(f"--calibration-samples must be >= 1, got {calibration_samples}")
     for run in runs:
@@ -40,16 +40,17 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
         config, model, tokenizer = load_run(run)
         runner = task_runner(config)
         remove_thresholds(model)  # each target calibrated afresh, from the untouched model
-        paths, values, tokens = collect_magnitudes(model, tokenizer, config, samples=calibration_samples,
-                                                   data_dir=data_dir)
+        calibration = calibrate(model, tokenizer, config, samples=calibration_samples, data_dir=data_dir,
+                                rows=mode == "greedy")
         options = dict(max_samples=max_samples, batch_size=batch_size, data_dir=data_dir, progress=progress)
         points = []
         for target in targets:
             remove_thresholds(model)
             thresholds = None
             if target < 1:
-                thresholds = choose_thresholds(paths, values, density=target, mode=mode, tokens=tokens,
-                                               samples=calibration_samples)
+                thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=target, mode=mode,
+                                               tokens=calibration.tokens, samples=calibration_samples, model=model,
+                                               calibration=calibration)
                 apply_thresholds(model, thresholds)
             result = evaluation_summary(runner, model, tokenizer, **options)
             points.append({"target_density": target, "deployed_density": result["density"],

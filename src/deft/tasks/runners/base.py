@@ -68,6 +68,11 @@ class TaskRunner:
         ``batch_size``/``threshold``: default the run's."""
         raise NotImplementedError
 
+    def calibration_batches(self, tokenizer, model, *, samples: int, batch_size: int, data_dir: str | None = None):
+        """Forward-only batches (no labels) over ``samples`` training examples of the task,
+        tokenized as in training: the data thresholds are calibrated on (``deft sparsify``)."""
+        raise NotImplementedError(f"calibration on {self.task.kind} tasks is not supported")
+
     def auto_class(self):
         raise NotImplementedError
 

@@ -92,6 +92,10 @@ class GlueRunner(TaskRunner):
                          seed=c.seed if seed is None else seed)
         return data, make_loader(tokenize_glue(data, tokenizer, c.max_length), tokenizer, batch_size)
 
+    def calibration_batches(self, tokenizer, model, *, samples, batch_size, data_dir=None):
+        _, loader = self.loader(tokenizer, "train", max_samples=samples, batch_size=batch_size, data_dir=data_dir)
+        return without_labels(loader)
+
     def evaluate_model(self, model, tokenizer, *, split=None, data_dir=None, max_samples=None, batch_size=None,
                        threshold=None, progress=True) -> TaskEvaluation:
         c = self.config

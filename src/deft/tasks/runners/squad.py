@@ -176,6 +176,21 @@ class SquadRunner(TaskRunner):
         """Tokenized training features (model inputs + labels) of ``examples``."""
         raise NotImplementedError
 
+    def calibration_batches(self, tokenizer, model, *, samples, batch_size, data_dir=None):
+        # Training windows as the model trains on them (for the generative form: prompt and
+        # answer, so both the prompt's prefill and the answer's tokens are measured).
+        _require_fast(tokenizer)
+        examples = load_squad(self.train_split if data_dir is None else default_splits(data_dir)[0],
+                              data_dir or self.config.data_dir, max_samples=samples, seed=self.config.seed)
+        features = self.features(examples, tokenizer)
+        rows = [{k: features[k][i] for k in features} for i in range(len(next(iter(features.values()))))]
+        collate = self.collator(tokenizer, model)
+        for lo in range(0, len(rows), batch_size):
+            batch = dict(collate(rows[lo:lo + batch_size]))
+            for key in ("labels", "start_positions", "end_positions"):
+                batch.pop(key, None)
+            yield batch
+
     # -- evaluation ------------------------------------------------------------------------
     def predict(self, model: nn.Module, tokenizer, examples, *, batch_size: int, threshold: float,
                 progress: bool = True) -> tuple[list[str], DensityMeter]:
