@@ -180,6 +180,14 @@ class _Estimator:
         self.opaque: set[str] = set()
         self.handles: list = []
         self.tokens = 0
+        # What does not depend on the input is counted once: a layer's parameter reads and the
+        # non-zero weights per input feature (weights do not change under no_grad), and per batch
+        # the real-token rows of each activation shape.
+        self.weight_stats: dict[str, tuple] = {}
+        self.keep_cache: dict[tuple, torch.Tensor | None] = {}
+        # Data-dependent counts of one batch stay tensors until the batch ends: one conversion
+        # (one device sync) per batch instead of several per module call.
+        self.pending_counts: list[tuple[str, str, OpCounts]] = []
         # Modules of a peft wrapper outside the transformers model (prompt encoders) run on
         # virtual tokens only: no padding to drop there.
         inner = {id(m) for m in self.base.modules()}
@@ -212,6 +220,22 @@ class _Estimator:
         self.handles.clear()
         self.pending.clear()
 
+    def _defer(self, name: str, kind: str, counts: OpCounts) -> None:
+        """Record ``counts`` (fields may be 0-d tensors) when the batch ends (:meth:`_flush`)."""
+        self.pending_counts.append((name, kind, counts))
+
+    def _flush(self) -> None:
+        tensors = [(c, f.name) for _, _, c in self.pending_counts for f in fields(c)
+                   if isinstance(getattr(c, f.name), torch.Tensor)]
+        if tensors:
+            device = getattr(tensors[0][0], tensors[0][1]).device
+            values = torch.stack([getattr(c, f).reshape(()).to(device, torch.int64) for c, f in tensors]).tolist()
+            for (c, f), value in zip(tensors, values):
+                setattr(c, f, int(value))
+        for name, kind, c in self.pending_counts:
+            self._record(name, kind, c)
+        self.pending_counts.clear()
+
     def _record(self, name: str, kind: str, counts: OpCounts) -> None:
         if name not in self.counts:
             self.counts[name] = (kind, OpCounts())
@@ -229,6 +253,12 @@ class _Estimator:
     def _nz_weight(self, t: torch.Tensor) -> torch.Tensor:
         return self._nz(t) if self.cfg.skip_zero_weights else torch.ones_like(t, dtype=torch.bool)
 
+    def _count(self, t: torch.Tensor) -> torch.Tensor:
+        """Non-zero entries of an activation (all of them when activations are not skipped)."""
+        if self.cfg.skip_zero_activations:
+            return self._nz(t).sum()
+        return torch.tensor(t.numel())
+
     def _rows(self, name: str, t: torch.Tensor, feature_dim: bool = True) -> torch.Tensor:
         """``t`` flattened to (rows, features) keeping only real-token rows."""
         if feature_dim and t.dim() >= 1:
@@ -236,17 +266,31 @@ class _Estimator:
         else:
             lead, flat = tuple(t.shape), t.reshape(-1, 1)
         mask = None if name in self.unmasked else self.masks.for_module(name)
-        keep = TokenMasks.align(lead, mask)
-        return flat if keep is None else flat[keep.to(flat.device)]
+        key = (id(mask), lead)
+        if key not in self.keep_cache:  # once per batch and shape; None when every row is real
+            keep = TokenMasks.align(lead, mask)
+            self.keep_cache[key] = None if keep is None or bool(keep.all()) else keep.to(flat.device)
+        keep = self.keep_cache[key]
+        return flat if keep is None else flat[keep]
 
-    def _param_counts(self, module: nn.Module, weight: torch.Tensor | None = None) -> tuple[int, int]:
-        """Parameter values read by one call (``weight``: the layer's weight as computed with)."""
-        total = nz = 0
-        for pname, p in module.named_parameters(recurse=False):
-            t = weight if pname == "weight" and weight is not None else p.detach()
-            total += t.numel()
-            nz += int(self._nz_weight(t).sum())
-        return total, nz
+    def _weights(self, name: str, module: nn.Module, kind: str, n_in: int = 0, n_out: int = 0) -> tuple:
+        """(parameter values read by one call, non-zero ones, non-zero weights per input feature —
+        ``None`` for norms and for weights that cannot be inspected) of a layer, counted once."""
+        key = tuple((p.data_ptr(), p._version) for p in module.parameters(recurse=False))
+        cached = self.weight_stats.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w = _weight_out_in(module, n_in, n_out) if kind == "linear" else None
+        if kind == "linear" and w is None:  # weights not inspectable: counted as dense
+            bias = getattr(module, "bias", None)
+            total = nz = n_out * n_in + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+        else:
+            tensors = [w if pname == "weight" and w is not None else p.detach()
+                       for pname, p in module.named_parameters(recurse=False)]
+            total, nz = sum(t.numel() for t in tensors), sum(int(self._nz_weight(t).sum()) for t in tensors)
+        stats = (total, nz, None if w is None else self._nz_weight(w).sum(dim=0).to(torch.int64))
+        self.weight_stats[name] = (key, stats)
+        return stats
 
     def _on_leaf(self, name, kind, module, inputs, output) -> None:
         x = _first_tensor(inputs)
@@ -257,39 +301,38 @@ class _Estimator:
         c = OpCounts()
         if kind == "linear":
             n_in, n_out = x.shape[-1], y.shape[-1]
-            w = _weight_out_in(module, n_in, n_out)
+            c.params, c.params_nz, col_nz = self._weights(name, module, kind, n_in, n_out)
             xr, yr = self._rows(name, x), self._rows(name, y)
-            if w is None:  # weights not inspectable: counted as dense
+            if col_nz is None:  # weights not inspectable: counted as dense
                 self.opaque.add(f"{name} ({type(module).__name__}: weights counted as dense)")
-                w = torch.ones(n_out, n_in, device=x.device)
-                bias = getattr(module, "bias", None)
-                c.params = c.params_nz = n_out * n_in + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+                col_nz = torch.full((n_in,), n_out, dtype=torch.int64, device=x.device)
+            if self.cfg.skip_zero_activations:
+                per_feature = self._nz(xr).sum(dim=0)  # non-zero inputs per input feature
             else:
-                c.params, c.params_nz = self._param_counts(module, w)
-            c.inputs, c.inputs_nz = xr.numel(), int(self._nz_act(xr).sum())
-            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+                per_feature = torch.full((n_in,), xr.shape[0], dtype=torch.int64, device=x.device)
+            c.inputs, c.inputs_nz = xr.numel(), per_feature.sum()
+            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
             c.macs = xr.shape[0] * n_out * n_in
-            col_nz = self._nz_weight(w).sum(dim=0).to(torch.float64)  # non-zero weights per input feature
-            per_feature = self._nz_act(xr).sum(dim=0).to(torch.float64)
-            c.macs_nz = int(round(float((per_feature * col_nz).sum())))
+            c.macs_nz = (per_feature * col_nz.to(per_feature.device)).sum()  # exact in int64
         elif kind == "embedding":
             ids = self._rows(name, x, feature_dim=False)
             yr = self._rows(name, y)
-            c.params, c.params_nz = yr.numel(), int(self._nz_weight(yr).sum())  # looked-up rows
+            c.params = yr.numel()  # looked-up rows
+            c.params_nz = self._nz(yr).sum() if self.cfg.skip_zero_weights else yr.numel()
             c.inputs = c.inputs_nz = ids.numel()
-            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
         elif kind == "norm":
             xr, yr = self._rows(name, x), self._rows(name, y)
-            c.params, c.params_nz = self._param_counts(module)
-            c.inputs, c.inputs_nz = xr.numel(), int(self._nz_act(xr).sum())
-            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+            c.params, c.params_nz, _ = self._weights(name, module, kind)
+            c.inputs, c.inputs_nz = xr.numel(), self._count(xr)
+            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
             c.ops = c.ops_nz = self.cfg.norm_ops_per_element * xr.numel()
         else:  # activation
             xr, yr = self._rows(name, x), self._rows(name, y)
-            c.inputs, c.inputs_nz = xr.numel(), int(self._nz_act(xr).sum())
-            c.outputs, c.outputs_nz = yr.numel(), int(self._nz_act(yr).sum())
+            c.inputs, c.inputs_nz = xr.numel(), self._count(xr)
+            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
             c.ops, c.ops_nz = xr.numel(), c.inputs_nz
-        self._record(name, kind, c)
+        self._defer(name, kind, c)
 
     # attention ---------------------------------------------------------------------------
     def _on_qkv(self, parent_name, parent, role, module, inputs, output) -> None:
@@ -369,8 +412,8 @@ class _Estimator:
             inputs=int(pairs) * heads + n_k * fv, inputs_nz=int(pairs) * heads + int(vn.sum()),
             outputs=n_q * fv * group, outputs_nz=n_q * fv * group,
             macs=int(pairs) * fv * group, macs_nz=int(round(av_nz)))
-        self._record(f"{name}:qk", "attention_qk", qk)
-        self._record(f"{name}:av", "attention_av", av)
+        self._defer(f"{name}:qk", "attention_qk", qk)
+        self._defer(f"{name}:av", "attention_av", av)
 
     def _default_causal(self, name: str) -> bool:
         cfg = self.model_config
@@ -387,9 +430,12 @@ class _Estimator:
     def run_batch(self, batch) -> float | None:
         self.masks = TokenMasks.from_batch(self.model, batch)
         self.pending.clear()
+        self.pending_counts.clear()
+        self.keep_cache.clear()
         self.batch_counts = {}
         call_model(self.model, batch)
         self.pending.clear()
+        self._flush()
         m = self.masks.encoder
         if m is not None:
             self.tokens += int(m.sum())
