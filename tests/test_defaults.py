@@ -26,6 +26,7 @@ def cli_config(*argv: str, command: str = "train") -> TrainConfig:
     (("--approx", "tanh", "--beta", "2"), {"density": DensityLossConfig(approx="tanh", beta=2.0)}),
     (("--max-train-samples", "0", "--grad-accum", "2", "--ada"), {"max_train_samples": None,
                                                                    "gradient_accumulation_steps": 2, "ada": True}),
+    (("--max-eval-samples", "0"), {"max_eval_samples": None}),  # 0 = all, as for every --max-*-samples
 ])
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_cli_and_library_build_the_same_experiment(argv, library, command):

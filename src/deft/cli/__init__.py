@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
+import json
 import logging
 import sys
 
@@ -13,13 +15,42 @@ from .runs import cmd_compare, cmd_density, cmd_eval, cmd_inspect, cmd_train, tr
 
 __all__ = ["build_parser", "main", "train_config"]
 
+# Old spellings of options, still accepted but left out of --help (--output everywhere; `load --export`).
+DEPRECATED_ALIASES = ("--out", "--dir")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help without the deprecated aliases (usage names an option by its first spelling anyway)."""
+
+    def _format_action_invocation(self, action):
+        if set(action.option_strings) & set(DEPRECATED_ALIASES):
+            action = copy.copy(action)
+            action.option_strings = [s for s in action.option_strings if s not in DEPRECATED_ALIASES]
+        return super()._format_action_invocation(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad command lines end in one line on stderr, exit 2, like every other bad input."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)  # subcommand parsers are built by this class too
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        for alias in DEPRECATED_ALIASES:  # "required: --output/--out" names the option as --help does
+            message = message.replace(f"/{alias}", "")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def model_args(p):
+    from ..training import field_default
+
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in alias, local directory or hub name (default: {DEFAULT_MODEL})")
-    p.add_argument("--tokenizer", default=None, help="tokenizer name or directory, if the model has none")
-    p.add_argument("--point", choices=("act", "product"), default="act",
-                   help="gated MLPs: measure σ's output (act, default) or the gated product")
+                   help="built-in alias, local directory or hub name (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name or directory, for a model directory that has none (default: the model's)")
+    p.add_argument("--point", choices=("act", "product"), default=field_default("site_point"),
+                   help="gated MLPs: measure σ's output (act) or the gated product (default: %(default)s)")
 
 
 def train_args(p):
@@ -33,12 +64,18 @@ def train_args(p):
 
     d = field_default
     loss = DensityLossConfig.__dataclass_fields__
+    beta = APPROXIMATIONS["tanh"].__dataclass_fields__["beta"].default
     lrs = ", ".join(f"{m} {v['learning_rate']:g}" for m, v in METHOD_PRESETS.items())
+    warmups = "".join(f"; {m} {v['lambda_warmup']:g}" for m, v in METHOD_PRESETS.items() if "lambda_warmup" in v)
+    options = "; ".join(f"{m} {json.dumps(v['method_options'])}" for m, v in METHOD_PRESETS.items()
+                        if "method_options" in v)
+    lengths = ", ".join(f"{kind} {n}" for kind, n in {t.kind: t.max_length for t in TASKS.values()}.items())
     model_args(p)
     p.add_argument("--task", default=None, help=f"one of {', '.join(sorted(TASKS))} (default {d('task')})")
     p.add_argument("--method", default=None, help=f"one of {', '.join(sorted(METHODS))} (default {d('method')})")
     p.add_argument("--method-options", default=None, metavar="JSON",
-                   help='method config as JSON, e.g. {"r": 16} (lora/qlora default: {"include_mlp": true})')
+                   help=f'method config as JSON, e.g. {{"r": 16}} (default: the method\'s preset, {options}; '
+                        f'others {json.dumps(PRESET_FALLBACK["method_options"])})')
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help=f"λ, weight of the density loss (default {loss['weight'].default:g})")
     p.add_argument("--approx", default=None,
@@ -46,11 +83,14 @@ def train_args(p):
     p.add_argument("--eps", type=float, default=None,
                    help=f"ε of the l0 approximation (default {DEFAULT_L0_EPS:g}; the paper's {PAPER_L0_EPS:g} barely "
                         "moves GELU models in a short run)")
-    p.add_argument("--beta", type=float, default=None, help="β of the tanh/sigmoid approximation (default 1)")
-    p.add_argument("--encoder-weight", type=float, default=None, help="weight of the encoder stack's term (default 1)")
-    p.add_argument("--decoder-weight", type=float, default=None, help="weight of the decoder stack's term (default 1)")
+    p.add_argument("--beta", type=float, default=None, help=f"β of the tanh/sigmoid approximation (default {beta:g})")
+    p.add_argument("--encoder-weight", type=float, default=None,
+                   help=f"weight of the encoder stack's term (default {loss['encoder_weight'].default:g})")
+    p.add_argument("--decoder-weight", type=float, default=None,
+                   help=f"weight of the decoder stack's term (default {loss['decoder_weight'].default:g})")
     p.add_argument("--lambda-warmup", type=float, default=None,
-                   help="ramp λ from 0 over this share of steps (default 0; adapter 0.5)")
+                   help=f"ramp λ from 0 over this share of steps "
+                        f"(default {PRESET_FALLBACK['lambda_warmup']:g}{warmups})")
     p.add_argument("--epochs", type=float, default=None, help=f"training epochs (default {d('epochs'):g})")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: the epochs')")
     p.add_argument("--lr", type=float, default=None,
@@ -62,10 +102,10 @@ def train_args(p):
                    help=f"gradient accumulation steps (default {d('gradient_accumulation_steps')})")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--max-length", type=int, default=None,
-                   help="maximum input tokens (default: the task's, 128 for GLUE, 384 for SQuAD)")
+                   help=f"maximum input tokens (default: the task's: {lengths})")
     p.add_argument("--max-train-samples", type=int, default=None,
                    help=f"training subset size (default {d('max_train_samples')} — a laptop-sized run; 0 = the full set)")
-    p.add_argument("--max-eval-samples", type=int, default=None, help="evaluation subset size (default: all)")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="evaluation subset size (default: all; 0 = all)")
     p.add_argument("--threshold", type=float, default=None,
                    help=f"τ of the reported |a| > τ density (default {d('threshold'):g})")
     p.add_argument("--evals-per-epoch", type=int, default=None,
@@ -79,13 +119,15 @@ def train_args(p):
                    help=f"α learns this many times faster (Adam; default {d('ada_lr_scale'):g})")
     g = p.add_argument_group("training for deployment (exact zeros a kernel can skip; README, Deployed sparsity)")
     g.add_argument("--density-form", default=None, choices=("token", "sequence"),
-                   help="density term per entry (token, default) or per neuron's RMS over a sequence's real tokens "
-                        "(sequence: silences neurons for whole sequences)")
+                   help="density term per entry (token) or per neuron's RMS over a sequence's real tokens "
+                        f"(sequence: silences neurons for whole sequences; default {loss['form'].default})")
     g.add_argument("--eps-final", type=float, default=None,
-                   help="anneal the l0 ε geometrically from --eps to this value over training")
+                   help="anneal the l0 ε geometrically from --eps to this value over training "
+                        "(default: none, ε constant)")
     g.add_argument("--train-density", type=float, default=None,
                    help="threshold in the loop: zero |a| <= τ_l in the forward at this target density (0, 1]; "
-                        "τ_l re-calibrated during training and saved with the run")
+                        "τ_l re-calibrated during training and saved with the run "
+                        "(default: none, no thresholds in the loop)")
     g.add_argument("--train-density-start", type=float, default=None,
                    help=f"... ramped from this density (default {d('train_density_start'):g})")
     g.add_argument("--train-density-ramp", type=float, default=None,
@@ -95,8 +137,9 @@ def train_args(p):
     g.add_argument("--no-ste", action="store_true",
                    help="block the gradient at zeroed entries (default: straight-through)")
     g.add_argument("--activation", default=None, choices=("relu", "shifted-relu"),
-                   help="ReLU-fication: replace the MLP activation before training")
-    g.add_argument("--activation-shift", type=float, default=None, help="b of the shifted ReLU max(0, x − b)")
+                   help="ReLU-fication: replace the MLP activation before training (default: none, the model's own)")
+    g.add_argument("--activation-shift", type=float, default=None,
+                   help=f"b of the shifted ReLU max(0, x − b) (default {d('activation_shift'):g})")
 
 
 # Command groups that live in their own modules; each module has add_commands(subparsers).
@@ -105,7 +148,9 @@ COMMAND_MODULES: tuple[str, ...] = ("deft.cli.efficiency", "deft.cli.deploy")
 
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deft", description="Density-efficient fine-tuning of transformers.")
+    from ..training import field_default
+
+    parser = _Parser(prog="deft", description="Density-efficient fine-tuning of transformers.")
     parser.add_argument("--version", action="version", version=f"deft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -116,15 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("density", help="measure activation density of a model on a dataset")
     model_args(p)
-    p.add_argument("--task", required=True, help="task name, e.g. sst2")
-    p.add_argument("--split", default="dev")
-    p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--threshold", type=float, default=1e-2, help="τ of the threshold density |a| > τ")
+    p.add_argument("--task", required=True, help="GLUE task name, e.g. sst2")
+    p.add_argument("--split", default="dev", help="split to measure on (default: %(default)s)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="a random subset of the split of this size (default: all; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=field_default("eval_batch_size"),
+                   help="inputs per forward pass (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None, help="maximum input tokens (default: the task's)")
+    p.add_argument("--threshold", type=float, default=field_default("threshold"),
+                   help="τ of the threshold density |a| > τ (default: %(default)g)")
     p.add_argument("--data-dir", default=None, help="GLUE data directory (default: $DEFT_DATA_DIR, else the hub)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--seed", type=int, default=field_default("seed"),
+                   help="seed of the --max-samples subset (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON (default: print only)")
     p.set_defaults(func=cmd_density)
 
     p = sub.add_parser("train", help="train one PEFT or DEFT run")
@@ -132,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--deft", action="store_true", help="with the density loss (default)")
     mode.add_argument("--peft", action="store_true", help="without the density loss")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--output", required=True, help="run directory")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default {field_default('seed')})")
+    p.add_argument("--output", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in --output (its checkpoints are deleted first)")
@@ -141,22 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="PEFT vs DEFT with identical settings (the main job)")
     train_args(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run pair per seed (default 0)")
-    p.add_argument("--output", default="runs/compare", help="directory for the runs and comparison.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=[field_default("seed")],
+                   help=f"one run pair per seed (default {field_default('seed')})")
+    p.add_argument("--output", default="runs/compare",
+                   help="directory for the runs and comparison.json (default: %(default)s)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="reload a saved run and re-measure metric and density")
-    p.add_argument("--run", required=True)
-    p.add_argument("--task", default=None)
-    p.add_argument("--split", default=None)
+    p.add_argument("--run", required=True, help="run directory (deft train / compare / prune / sparsify / shrink)")
+    p.add_argument("--task", default=None, help="task to evaluate on (default: the run's)")
+    p.add_argument("--split", default=None, help="split (default: the task's evaluation split)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="evaluation examples (default: the run's own evaluation subset; 0 = all)")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
     p.add_argument("--threshold", type=float, default=None, help="τ of the |a| > τ density (default: the run's)")
     p.add_argument("--skip-threshold", type=float, default=None,
-                   help="ADA runs: remove the MLP blocks with |α| below this (see deft.adaptive)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--json", default=None, metavar="FILE")
+                   help="ADA runs: remove the MLP blocks with |α| below this (see deft.adaptive; default: none)")
+    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, else $DEFT_DATA_DIR)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON (default: print only)")
     p.set_defaults(func=cmd_eval)
 
     for name in COMMAND_MODULES:
@@ -176,12 +227,32 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError)
 
 
+# Least values of numeric options, by destination, whichever command has them: checked before any
+# command runs, so a bad count fails in one line before data or a model loads.
+AT_LEAST = {"max_samples": 0, "max_train_samples": 0, "max_eval_samples": 0, "lam": 0, "threshold": 0,
+            "skip_threshold": 0, "zero_threshold": 0, "batch_size": 1, "eval_batch_size": 1,
+            "max_length": 1, "grad_accum": 1, "evals_per_epoch": 1, "save_steps": 1, "tau_every": 1,
+            "calibration_samples": 1, "repeats": 1}
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Raise ValueError naming the option as written (e.g. --lambda) for a value under its least."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    flags = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
+    for dest, least in AT_LEAST.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < least:
+            raise ValueError(f"{flags.get(dest, dest)} must be >= {least}, got {value:g}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # bitsandbytes (imported by peft) warns at import on every CPU machine that its optional hub-fetched
     # `kernels` package is absent; it then uses its built-in CPU path, which is what QLoRA runs on here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
+        check_ranges(parser, args)
         return args.func(args)
     except _user_errors() as err:
         print(f"deft {args.command}: error: {err}", file=sys.stderr)

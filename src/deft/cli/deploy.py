@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 
 from .format import format_table, pct, write_json
+from .runs import finished_run
+
+#: Where `deft bench-inference` writes without --output: under runs/, like every other command's output
+#: (it wrote into the benchmarks/results/ of whatever directory the user stood in).
+BENCH_OUTPUT = "runs/bench-inference/ada_<run name>.json"
 
 
 def _threshold(value: str) -> float | None:
@@ -22,8 +27,9 @@ def _threshold(value: str) -> float | None:
 def cmd_export(args) -> int:
     from ..deploy import export_run
 
-    info = export_run(args.run, args.out, _threshold(args.skip_threshold))
-    print(f"exported {args.run} -> {args.out}: method {info['method']}, "
+    finished_run(args.run)
+    info = export_run(args.run, args.output, _threshold(args.skip_threshold))
+    print(f"exported {args.run} -> {args.output}: method {info['method']}, "
           f"{len(info['skipped'])} MLP block(s) removed, LoRA merged: {info['lora_merged']}, "
           f"α folded: {info['alphas_folded']}, {info['parameters']:,} parameters")
     print(f"load with: {info['load_with']}")
@@ -33,9 +39,9 @@ def cmd_export(args) -> int:
 def cmd_load(args) -> int:
     from ..deploy import load_exported, model_bytes, read_export_info
 
-    info = read_export_info(args.dir)
-    model = load_exported(args.dir)
-    payload = {"dir": str(args.dir), "class": type(model).__name__, "method": info["method"],
+    info = read_export_info(args.export)
+    model = load_exported(args.export)
+    payload = {"dir": str(args.export), "class": type(model).__name__, "method": info["method"],
                "skipped": [s["module"] for s in info["skipped"]],
                "parameters": sum(p.numel() for p in model.parameters()), "param_bytes": model_bytes(model)}
     print(json.dumps(payload, indent=2))
@@ -45,8 +51,13 @@ def cmd_load(args) -> int:
 def cmd_bench_inference(args) -> int:
     from ..deploy import bench_inference
 
+    for run in (args.run, args.baseline):
+        if run is not None:
+            finished_run(run)
+    out = Path(args.output or BENCH_OUTPUT.replace("<run name>", Path(args.run).resolve().name))
     payload = bench_inference(args.run, args.baseline, threshold=args.skip_threshold, repeats=args.repeats,
-                              batch_size=args.batch_size, max_samples=args.max_samples, data_dir=args.data_dir,
+                              batch_size=args.batch_size, max_samples=args.max_samples or None,  # 0 = all
+                              data_dir=args.data_dir,
                               curve=args.curve or None, peak_memory=args.peak_memory)
     peak = lambda v: f"{v['peak_memory']['peak_bytes'] / 2**20:.1f}" if "peak_memory" in v else "-"  # noqa: E731
     rows = [(name, f"{v['median_seconds']:.3f}", f"{v['param_bytes'] / 2**20:.1f}", peak(v), v["blocks_skipped"],
@@ -56,7 +67,6 @@ def cmd_bench_inference(args) -> int:
     for key in ("time_saving", "memory_saving", "peak_memory_saving", "metric_delta"):
         value = payload.get(key)
         print(f"{key}: {'n/a (no --baseline)' if value is None else f'{value:.2f}'}")
-    out = Path(args.out or f"benchmarks/results/ada_{Path(args.run).name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")
@@ -66,6 +76,7 @@ def cmd_bench_inference(args) -> int:
 def cmd_sparsify(args) -> int:
     from ..deploy import sparsify_run
 
+    finished_run(args.run)
     payload = sparsify_run(args.run, args.output, density=args.density, tau=args.tau, mode=args.mode,
                            calibration_samples=args.calibration_samples, force=args.force,
                            max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir)
@@ -84,6 +95,7 @@ def cmd_sparsify(args) -> int:
 def cmd_shrink(args) -> int:
     from ..deploy.shrink import shrink_run
 
+    finished_run(args.run)
     s = shrink_run(args.run, args.output, calibration_samples=args.calibration_samples,
                    max_dead_share=args.max_dead_share, max_samples=args.max_samples, batch_size=args.batch_size,
                    data_dir=args.data_dir)
@@ -109,6 +121,9 @@ def cmd_density_sweep(args) -> int:
     from pathlib import Path as _Path
 
     from ..deploy import density_sweep, plot_density_sweep
+
+    for run in args.run:
+        finished_run(run)
 
     payload = density_sweep(args.run, args.densities, mode=args.mode, calibration_samples=args.calibration_samples,
                             max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir)
@@ -138,8 +153,14 @@ def _threshold_options(p) -> None:
 
 
 def add_commands(sub) -> None:
+    import inspect
+
     from ..adaptive import DEFAULT_SKIP_THRESHOLD
     from ..deploy import DEFAULT_CURVE
+    from ..deploy.bench import bench_inference  # the function itself, for its defaults
+    from ..deploy.shrink import shrink_run
+
+    default_of = lambda fn, name: inspect.signature(fn).parameters[name].default  # noqa: E731
 
     from ..deploy import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_DENSITIES
 
@@ -160,9 +181,9 @@ def add_commands(sub) -> None:
                                    "set (after the run's thresholds: deft sparsify first) and writes a run that loads "
                                    "shrunk; works at any batch size, on any hardware.")
     p.add_argument("--run", required=True, help="thresholded run directory (deft sparsify, or --train-density)")
-    p.add_argument("--max-dead-share", type=float, default=0.0,
+    p.add_argument("--max-dead-share", type=float, default=default_of(shrink_run, "max_dead_share"),
                    help="also remove neurons active on at most this share of calibration tokens, their mean "
-                        "contribution folded into the down bias (default 0: only neurons never active)")
+                        "contribution folded into the down bias (default %(default)g: only neurons never active)")
     p.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
                    help=f"training examples whose tokens decide which neurons are dead (default "
                         f"{DEFAULT_CALIBRATION_SAMPLES})")
@@ -183,27 +204,34 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("export", help="standalone model directory: skipped MLP blocks gone, LoRA merged")
     p.add_argument("--run", required=True, help="run directory (deft train)")
-    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--output", "--out", required=True, help="directory to write")
     p.add_argument("--skip-threshold", default=str(DEFAULT_SKIP_THRESHOLD),
                    help=f"remove MLP blocks with |α| below this ('none': keep all; default {DEFAULT_SKIP_THRESHOLD})")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("load", help="load a `deft export` directory and print what it holds")
-    p.add_argument("--dir", required=True)
+    p.add_argument("--export", "--dir", required=True, metavar="DIR", help="directory written by `deft export`")
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("bench-inference",
                        help="ADA-DEFT skipped vs unskipped vs ADA-PEFT: time, memory, metric, side by side")
     p.add_argument("--run", required=True, help="ADA-DEFT run directory")
-    p.add_argument("--baseline", default=None, help="ADA-PEFT run directory (same model and task)")
-    p.add_argument("--skip-threshold", type=float, default=DEFAULT_SKIP_THRESHOLD)
-    p.add_argument("--repeats", type=int, default=5, help="timed passes per variant (median reported)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--baseline", default=None,
+                   help="ADA-PEFT run directory, same model and task (default: none, no savings against it)")
+    p.add_argument("--skip-threshold", type=float, default=DEFAULT_SKIP_THRESHOLD,
+                   help="remove the MLP blocks with |α| below this (default: %(default)g)")
+    p.add_argument("--repeats", type=int, default=default_of(bench_inference, "repeats"),
+                   help="timed passes per variant, the median reported (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=default_of(bench_inference, "batch_size"),
+                   help="inputs per timed forward pass (default: %(default)s)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="a random subset of the dev split of this size (default: all; 0 = all)")
+    p.add_argument("--data-dir", default=None, help="data directory (default: the run's, else $DEFT_DATA_DIR)")
     p.add_argument("--curve", type=float, nargs="*", default=list(DEFAULT_CURVE),
-                   help="thresholds of the metric-vs-threshold curve (none: skip the curve)")
+                   help="thresholds of the metric-vs-threshold curve; none given: no curve (default: "
+                        f"{' '.join(f'{t:g}' for t in DEFAULT_CURVE)})")
     p.add_argument("--no-peak-memory", dest="peak_memory", action="store_false",
                    help="skip the peak-memory measurement (each variant exported and loaded in a fresh process)")
-    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/ada_<run name>.json)")
+    p.add_argument("--output", "--out", default=None, metavar="FILE",
+                   help=f"JSON file to write (default: {BENCH_OUTPUT})")
     p.set_defaults(func=cmd_bench_inference)

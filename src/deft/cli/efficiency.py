@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .format import energy_tables, format_table, pct, sweep_table, write_json
+from .runs import finished_run
 
 # The library is imported inside the commands: `deft --help` stays fast (no torch import).
 
@@ -26,18 +27,19 @@ def _mode_label(config) -> str:
 def cmd_energy(args) -> int:
     from ..analysis.energy import EnergyConfig, energy_change
     from ..analysis.energy_runs import block_breakdown, load_subject, measure_energy
-    from ..training import RunDir
 
     if args.run is None and args.model is None:
         raise ValueError("give --run DIR (a saved run) or --model M --task T (a base model)")
     if args.run is not None and args.model is not None:
         raise ValueError("give either --run or --model, not both")
-    if args.baseline is not None:
-        RunDir(args.baseline).check()
+    for run in (args.run, args.baseline):
+        if run is not None:
+            finished_run(run)
+    max_samples = args.max_samples or None  # 0 = all
     subject = load_subject(run=args.run, model=args.model, tokenizer=args.tokenizer, task=args.task,
                            data_dir=args.data_dir, max_length=args.max_length)
     energy_config = EnergyConfig() if args.zero_threshold is None else EnergyConfig(zero_threshold=args.zero_threshold)
-    report, samples, split = measure_energy(subject, split=args.split, max_samples=args.max_samples,
+    report, samples, split = measure_energy(subject, split=args.split, max_samples=max_samples,
                                             batch_size=args.batch_size, seed=args.seed, config=energy_config)
     rd = report.to_dict()
     payload = {"energy_ratio": report.energy_ratio, "mean_batch_ratio": report.mean_batch_ratio,
@@ -48,7 +50,7 @@ def cmd_energy(args) -> int:
         # The baseline sees the same task, split and samples; only the model differs.
         base = load_subject(run=args.baseline, task=subject.task.name, data_dir=args.data_dir or subject.config.data_dir,
                             max_length=args.max_length)
-        base_report, _, _ = measure_energy(base, split=split, max_samples=args.max_samples,
+        base_report, _, _ = measure_energy(base, split=split, max_samples=max_samples,
                                            batch_size=args.batch_size, seed=args.seed, config=energy_config)
         base_rd = base_report.to_dict()
         payload["baseline"] = {"subject": base.info, "energy_ratio": base_report.energy_ratio,
@@ -72,9 +74,8 @@ def cmd_energy(args) -> int:
 
 def cmd_prune(args) -> int:
     from ..analysis.prune_runs import prune_and_evaluate, prune_config_from, save_pruned_run
-    from ..training import RunDir
 
-    run = RunDir(args.run).check().path
+    run = finished_run(args.run).path
     cfg = prune_config_from(args.sparsity, args.structure, args.targets, args.calibration_samples, args.seed)
     if Path(args.output).resolve() == run.resolve():
         raise ValueError(f"--output {args.output} is the source run itself: choose a new directory")
@@ -96,10 +97,9 @@ def cmd_prune(args) -> int:
 
 def cmd_prune_sweep(args) -> int:
     from ..analysis.prune_runs import plot_sweep, prune_sweep, sweep_points
-    from ..training import RunDir
 
     for run in args.run:
-        RunDir(run).check()
+        finished_run(run)
     points = sweep_points(args.sparsities, args.structure)
     payload = prune_sweep(args.run, points, targets=args.targets, calibration_samples=args.calibration_samples,
                           seed=args.seed, data_dir=args.data_dir, max_samples=args.max_samples,
@@ -114,25 +114,42 @@ def cmd_prune_sweep(args) -> int:
     return 0
 
 
-def _common_eval(p, batch_default: int = 64):
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate on a random dev subset of this size")
-    p.add_argument("--batch-size", type=int, default=batch_default, help="evaluation batch size")
+def _prune_default(name: str):
+    from ..analysis.prune import PruneConfig
+
+    return PruneConfig.__dataclass_fields__[name].default
+
+
+def _common_eval(p):
+    from ..training import field_default
+
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluate on a random dev subset of this size (default: the run's evaluation subset; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=field_default("eval_batch_size"),
+                   help="evaluation batch size (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="τ of the threshold density (default: the run's)")
     p.add_argument("--data-dir", default=None, help="GLUE data directory (default: the run's, else $DEFT_DATA_DIR)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--seed", type=int, default=_prune_default("seed"),
+                   help="seed of the calibration sample (default: %(default)s)")
 
 
 def _prune_options(p):
     from ..analysis.prune import TARGETS
 
-    p.add_argument("--targets", choices=TARGETS, default="mlp_first",
+    p.add_argument("--targets", choices=TARGETS, default=_prune_default("targets"),
                    help="mlp_first: the first dense layer of every MLP (the paper's setting); "
-                        "all_linear: every linear layer of the backbone (task head excluded)")
-    p.add_argument("--calibration-samples", type=int, default=128,
-                   help="random training samples whose activation norms score the weights (default 128, as the paper)")
+                        "all_linear: every linear layer of the backbone, task head excluded (default: %(default)s)")
+    p.add_argument("--calibration-samples", type=int, default=_prune_default("calibration_samples"),
+                   help="random training samples whose activation norms score the weights "
+                        "(default %(default)s, as the paper)")
 
 
 def add_commands(sub) -> None:
+    import inspect
+
+    from ..analysis.energy_runs import measure_energy
+
+    energy_default = lambda name: inspect.signature(measure_energy).parameters[name].default  # noqa: E731
     p = sub.add_parser(
         "energy", help="energy ratio of a zero-skipping ASIC (sponge-examples cost model) for a run or model",
         description="Energy of a simulated zero-skipping accelerator / energy of a dense one, on real tokens "
@@ -144,9 +161,10 @@ def add_commands(sub) -> None:
     p.add_argument("--baseline", default=None, metavar="DIR",
                    help="a run to compare with (e.g. the PEFT run when --run is the DEFT run)")
     p.add_argument("--split", default=None, help="split (default: the task's dev split)")
-    p.add_argument("--max-samples", type=int, default=None, help="a random subset of the split")
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="inputs per model call (default 1, the sponge/Lazzaro setting: the ASIC reads every "
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="a random subset of the split of this size (default: all; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=energy_default("batch_size"),
+                   help="inputs per model call (default %(default)s, the sponge/Lazzaro setting: the ASIC reads every "
                         "weight once per call, so larger batches share the weight reads and move the ratio "
                         "towards the activations' sparsity alone)")
     p.add_argument("--max-length", type=int, default=None, help="truncation (default: the run's, else 128)")
@@ -155,8 +173,10 @@ def add_commands(sub) -> None:
                         "the sponge estimator's fp32 test; GELU is almost never exactly 0, so e.g. 0.01 models "
                         "a thresholded deployment)")
     p.add_argument("--data-dir", default=None, help="GLUE data directory (default: the run's, else $DEFT_DATA_DIR)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-samples subset")
-    p.add_argument("--json", default=None, metavar="FILE", help="write energy_ratio, energy_change and the breakdown")
+    p.add_argument("--seed", type=int, default=energy_default("seed"),
+                   help="seed of the --max-samples subset (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write energy_ratio, energy_change and the breakdown (default: print only)")
     p.set_defaults(func=cmd_energy)
 
     p = sub.add_parser("prune", help="WANDA-prune a run, evaluate it, save it as a loadable run",

@@ -44,19 +44,24 @@ def density_summary(density: dict) -> str:
     return f"{table}\n\n{summary}"
 
 
+def mean_std(ms: dict) -> str:
+    """``mean ± std`` over seeds; a single seed has no spread to show, so just its value."""
+    return f"{ms['mean']:.2f}" if ms.get("std") is None else f"{ms['mean']:.2f} ± {ms['std']:.2f}"
+
+
 def comparison_table(payload: dict) -> str:
     s = payload["summary"]
-    fmt = lambda ms: f"{ms['mean']:.2f} ± {ms['std']:.2f}"  # noqa: E731
     tau = payload["runs"]["peft"][0]["density"]["threshold"]["tau"]
     rows = []
     for mode in ("peft", "deft"):
-        rows.append((mode.upper(), fmt(s[mode]["metric"]), fmt(s[mode]["density"]), fmt(s[mode]["density_threshold"]),
-                     fmt(s[mode]["union_density"])))
+        rows.append((mode.upper(), *(mean_std(s[mode][key]) for key in
+                                     ("metric", "density", "density_threshold", "union_density"))))
     ch = s["density_change"]
     rows.append(("change %", f"{s['metric_delta']:+.2f} pts", f"{ch['density']:.2f}", f"{ch['density_threshold']:.2f}",
                  f"{ch['union_density']:.2f}"))
-    head = [f"{payload['task']} / {payload['method']}", f"{s['peft']['metric_name']} (%)", "density (%)",
-            f"|a|>{tau:g} (%)", "union/seq (%)"]
+    seeds = len(payload["runs"]["peft"])
+    head = [f"{payload['task']} / {payload['method']} (n={seeds})", f"{s['peft']['metric_name']} (%)",
+            "density (%)", f"|a|>{tau:g} (%)", "union/seq (%)"]
     return format_table(head, rows)
 
 

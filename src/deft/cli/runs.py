@@ -10,6 +10,24 @@ from .format import comparison_table, density_summary, format_table, pct, write_
 # The library is imported inside the commands: `deft --help` stays fast (no torch import).
 
 
+def finished_run(path):
+    """``path`` as a :class:`~deft.training.RunDir` whose training finished; one clear line otherwise.
+
+    A run stopped before its trained modules were saved (Ctrl-C, a crash, a killed job) holds
+    ``run_config.json`` and checkpoints but no ``method/``: say so and how to continue it, before
+    anything loads (loading it failed deep inside peft)."""
+    from ..training import RunDir
+
+    run = RunDir(path).check()
+    if not (run / RunDir.METHOD).is_dir():
+        compare = " (or rerun its `deft compare`, which resumes unfinished runs)" \
+            if run.path.name.startswith(("peft-seed", "deft-seed")) else ""
+        raise ValueError(f"{run} is an unfinished run (no trained model in {run / RunDir.METHOD}): continue it with "
+                         f"`deft train --output {run} --resume` and the options it was started with "
+                         f"({run / RunDir.CONFIG}){compare}")
+    return run
+
+
 # -- inspect ---------------------------------------------------------------------------------
 def cmd_inspect(args) -> int:
     from transformers import AutoModel
@@ -53,13 +71,18 @@ def cmd_density(args) -> int:
     if task.kind != "glue":
         raise ValueError(f"deft density measures GLUE tasks; for {task.name} use deft eval on a trained run")
     split = task.resolve_split(args.split)
-    dataset = load_glue(task.name, split, data_dir=args.data_dir, max_samples=args.max_samples, seed=args.seed)
-    if RunDir(args.model).is_run():  # a saved fine-tuned run
+    is_run = RunDir(args.model).is_run()  # a saved fine-tuned run
+    if is_run:
+        finished_run(args.model)
+    # 0 = all, as in eval; the data is read before any model loads.
+    dataset = load_glue(task.name, split, data_dir=args.data_dir, max_samples=args.max_samples or None, seed=args.seed)
+    if is_run:
         _, model, tokenizer = load_run(args.model)
     else:
         tokenizer = load_tokenizer(args.model, args.tokenizer)
         model = load_for_sequence_classification(args.model, task.num_labels, tokenizer=tokenizer)
-    loader = make_loader(tokenize_glue(dataset, tokenizer, args.max_length), tokenizer, args.batch_size)
+    max_length = task.max_length if args.max_length is None else args.max_length
+    loader = make_loader(tokenize_glue(dataset, tokenizer, max_length), tokenizer, args.batch_size)
     out = evaluate(model, loader, sites=find_sites(model, args.point), threshold=args.threshold,
                    desc=f"density {task.name}/{split}")
     density = out.density.to_dict()
@@ -111,8 +134,9 @@ def train_config(args):
             raise ValueError(f"--method-options is not valid JSON ({err}): e.g. '{{\"r\": 16}}'") from None
         if not isinstance(given["method_options"], dict):
             raise ValueError("--method-options must be a JSON object, e.g. '{\"r\": 16}'")
-    if args.max_train_samples is not None:
-        given["max_train_samples"] = args.max_train_samples or None  # 0 = the full set
+    for option in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, option) is not None:
+            given[option] = getattr(args, option) or None  # 0 = the full set, as everywhere
     if getattr(args, "peft", False):
         given["mode"] = "peft"
     for flag in ("gradient_checkpointing", "ada"):
@@ -152,14 +176,37 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _read_glue_split(task, split: str | None, data_dir: str | None) -> None:
+    from ..tasks import load_glue
+
+    load_glue(task.name, split or task.dev_split, data_dir=data_dir)
+
+
+def _read_squad_split(task, split: str | None, data_dir: str | None) -> None:
+    from ..tasks import load_squad
+    from ..tasks.squad import default_splits
+
+    load_squad(split or default_splits(data_dir)[1], data_dir)
+
+
+# Task kind → a read of the split `deft eval` will measure, done before the model loads so a bad split or
+# missing data fails first (a GLUE tsv: milliseconds; SQuAD's json: seconds next to minutes of evaluation).
+SPLIT_READERS = {"glue": _read_glue_split, "squad": _read_squad_split}
+
+
 def cmd_eval(args) -> int:
     """One evaluation for every task kind: the task's runner measures metric and density."""
     from ..adaptive import skip_blocks
     from ..core.sites import find_sites
-    from ..training import load_run, task_runner
+    from ..training import TrainConfig, load_run, task_runner
 
+    run = finished_run(args.run)
+    runner = task_runner(TrainConfig.from_dict(run.read_config()), args.task)
+    if args.split:
+        runner.task.resolve_split(args.split)
+    if runner.task.kind in SPLIT_READERS:
+        SPLIT_READERS[runner.task.kind](runner.task, args.split, args.data_dir or runner.config.data_dir)
     config, model, tokenizer = load_run(args.run)
-    runner = task_runner(config, args.task)
     skipped = []
     if args.skip_threshold is not None:
         sites = find_sites(model, config.site_point)
