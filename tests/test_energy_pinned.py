@@ -57,7 +57,8 @@ def _model(family: str, method: str | None):
 
 def _batches(family: str) -> list[dict]:
     # Two batches of one shape (different data, right padding), then a batch of another shape.
-    return [make_inputs(family, batch=2, length=6, pad=2, seed=0), make_inputs(family, batch=2, length=6, pad=2, seed=2),
+    return [make_inputs(family, batch=2, length=6, pad=2, seed=0),
+            make_inputs(family, batch=2, length=6, pad=2, seed=2),
             make_inputs(family, batch=1, length=5, seed=1)]
 
 
