@@ -63,6 +63,17 @@ FAMILIES = {
     "gemma3": (lambda: T.Gemma3TextConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                           num_key_value_heads=1, intermediate_size=64, head_dim=16, bos_token_id=1,
                                           eos_token_id=2, pad_token_id=0), T.Gemma3ForCausalLM, "decoder"),
+    # ALBERT: one MLP module shared by every layer (each call is a layer of its own).
+    "albert": (lambda: T.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, pad_token_id=0),
+               T.AlbertForSequenceClassification, "encoder"),
+    # An encoder-decoder classifier: it builds its decoder inputs by shifting input_ids, and
+    # classifies from the decoder state at the (one per sequence) </s> token.
+    "bart": (lambda: T.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, decoder_start_token_id=2),
+             T.BartForSequenceClassification, "encdec-cls"),
     "vit": (lambda: T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                 image_size=16, patch_size=8, num_labels=3), T.ViTForImageClassification, "vision"),
 }
@@ -93,6 +104,8 @@ def make_inputs(family: str, batch: int = 2, length: int = 6, pad: int = 0, seed
     if pad:
         ids[-1, -pad:] = 0
         mask[-1, -pad:] = 0
+    if kind == "encdec-cls":  # BART's head reads the decoder at </s>: one per sequence, its last real token
+        ids[torch.arange(batch), mask.sum(1) - 1] = FAMILIES[family][0]().eos_token_id
     inputs = {"input_ids": ids, "attention_mask": mask}
     if kind == "seq2seq":
         labels = torch.randint(3, 100, (batch, 4), generator=g)
@@ -115,7 +128,11 @@ METHODS = {
     "prompt": {"num_virtual_tokens": 3},
 }
 # The task type each kind of model is trained with (vision: no peft task wrapper).
-TASK_TYPES = {"encoder": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM", "vision": None}
+TASK_TYPES = {"encoder": "SEQ_CLS", "encdec-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "decoder": "CAUSAL_LM",
+              "vision": None}
+# The stacks of each kind of model (an encoder-decoder classifier has both).
+KIND_STACKS = {"seq2seq": ("encoder", "decoder"), "encdec-cls": ("encoder", "decoder"), "decoder": ("decoder",),
+               "encoder": ("encoder",), "vision": ("encoder",)}
 
 # (family or kind, method) -> why the pair is not in the matrix: deft.methods refuses it
 # (UnsupportedCombinationError; test_methods.py checks every entry really is refused).
@@ -125,6 +142,9 @@ UNSUPPORTED = {
     ("vision", "prefix"): "virtual tokens need a text model taking input_ids (ViT takes pixel_values)",
     ("vision", "prompt"): "virtual tokens need a text model taking input_ids (ViT takes pixel_values)",
     ("distilbert", "prefix"): "DistilBERT's forward takes no past_key_values to carry the prefix",
+    ("albert", "prefix"): "ALBERT's forward takes no past_key_values to carry the prefix",
+    ("encdec-cls", "prefix"): "peft's virtual tokens on an encoder-decoder model work only for SEQ_2_SEQ_LM",
+    ("encdec-cls", "prompt"): "peft's virtual tokens on an encoder-decoder model work only for SEQ_2_SEQ_LM",
 }
 
 # operation -> method -> why that operation refuses the method on every family. Tests of the

@@ -1,6 +1,8 @@
 """Capture: mask alignment, once-per-forward firing, gradient flow, no leaks — over every family,
 and over the family × method matrix of conftest.py where a PEFT method is involved."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -39,7 +41,9 @@ def test_density_unchanged_when_padding_added(family):
     padded = make_inputs(family, batch=2, length=7, pad=3)
     if family_kind(family) == "seq2seq":
         padded["labels"][-1, -2:] = -100  # decoder padding
-    separate = [_trim(padded, 0, 7), _trim(padded, 1, 4)]
+    # An encoder-decoder classifier's decoder reads input_ids shifted right: the last real token is
+    # a decoder input only while a position follows it, so the short sequence keeps one padding.
+    separate = [_trim(padded, 0, 7), _trim(padded, 1, 5 if family_kind(family) == "encdec-cls" else 4)]
     if family_kind(family) == "seq2seq":
         separate[1]["labels"] = padded["labels"][1:2, :2]
     together, apart = measure(model, [padded]), measure(model, separate)
@@ -70,13 +74,21 @@ def test_hooks_fire_once_per_layer_with_gradient_checkpointing(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hooks_fire_once_per_layer_per_forward(family):
+    """Each call of a site's module counts once: one per layer (ALBERT's one shared MLP: one per
+    layer it serves), as many as plain forward hooks see."""
     model = make_model(family)
     sites = find_sites(model)
+    modules = dict(model.named_modules())
+    seen = Counter()
+    hooks = [modules[s.module].register_forward_hook(lambda m, x, y, i=i: seen.update([i])) for i, s in enumerate(sites)]
     with ActivationCapture(model, sites, approx=make_approx("l0")) as cap:
         for _ in range(3):
             model(**make_inputs(family))
-        assert dict(cap.calls) == {i: 3 for i in range(len(sites))}
+        assert dict(cap.calls) == dict(seen)
+        assert sum(seen.values()) == 3 * N_LAYERS * len(sites.stacks)
         assert not cap.recomputed
+    for h in hooks:
+        h.remove()
 
 
 @pytest.mark.parametrize(("family", "method"), matrix_params())

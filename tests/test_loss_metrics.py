@@ -185,13 +185,14 @@ def test_model_loss_and_density_match_hand_computation(family, method):
     computed by hand from the activations that plain forward hooks record. No padding: every
     position (prompt tuning's virtual tokens too) is real. A site enters the loss only when its
     activation depends on a trainable parameter (else it cannot be trained down); the meter
-    counts every site. The capture must not change the model's output."""
+    counts every site. The capture must not change the model's output. A module called once per
+    layer it serves (ALBERT's shared MLP) is recorded at every call: one layer each."""
     model, _ = build(family, method, trained=True)
     inputs = make_inputs(family)
     sites = find_sites(model)
-    recorded = {}
+    recorded = {i: [] for i in range(len(sites))}  # per site: its activation at every call
     hooks = [unwrap_model(model).get_submodule(s.module).register_forward_hook(
-        lambda m, x, y, i=i: recorded.__setitem__(i, y)) for i, s in enumerate(sites)]
+        lambda m, x, y, i=i: recorded[i].append(y)) for i, s in enumerate(sites)]
     eps, tau, stack_weight = 1e-2, 0.05, {"encoder": 1.0, "decoder": 3.0}
     cfg = DensityLossConfig(weight=2.0, approx="l0", eps=eps, encoder_weight=1.0, decoder_weight=3.0)
     meter = DensityMeter(sites.sites, threshold=tau)
@@ -205,9 +206,11 @@ def test_model_loss_and_density_match_hand_computation(family, method):
     torch.testing.assert_close(captured.detach(), plain, rtol=0, atol=0)
 
     penalty, elements = {}, {}  # per stack: Σ f(a) = Σ a² / (a² + ε) over trainable sites, and their size
-    for i, site in enumerate(sites):
-        a = recorded[i].detach().double()
-        if recorded[i].requires_grad:
+    layers = [(site, y) for i, site in enumerate(sites) for y in recorded[i][len(recorded[i]) // 2:]]  # 2nd pass
+    assert len(meter.result().per_layer) == len(layers)
+    for i, (site, y) in enumerate(layers):
+        a = y.detach().double()
+        if y.requires_grad:
             penalty[site.stack] = penalty.get(site.stack, 0.0) + float((a * a / (a * a + eps)).sum())
             elements[site.stack] = elements.get(site.stack, 0) + a.numel()
         a = a.reshape(2, -1, site.width)  # (batch, positions, neurons); OPT hands over (B·T, h)

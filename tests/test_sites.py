@@ -2,15 +2,19 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import FAMILIES, N_LAYERS, build, family_kind, make_inputs, make_model, matrix_params
+from conftest import FAMILIES, KIND_STACKS, N_LAYERS, build, family_kind, make_inputs, make_model, matrix_params
 from deft.core.sites import FAMILY_RULES, UnsupportedModelError, find_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one torch thread
 
 EXPECTED_RULE = {"bert": "bert", "roberta": "bert", "distilbert": "distilbert", "t5": "t5", "t5-gated": "t5-gated",
                  "gpt2": "gpt2", "opt": "opt", "llama": "llama-gated", "mistral": "llama-gated",
-                 "qwen2": "llama-gated", "gemma3": "llama-gated", "vit": "vit"}
+                 "qwen2": "llama-gated", "gemma3": "llama-gated", "vit": "vit", "albert": "generic",
+                 "bart": "generic"}
 WIDTH = {"gpt2": 128}  # GPT-2's n_inner defaults to 4 × n_embd
+# One MLP module serving every layer (ALBERT): one site; capture counts each of its calls as a
+# layer (tests/test_shared_layers.py).
+SHARED = ("albert",)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -19,10 +23,10 @@ def test_sites_found_per_stack(family):
     sites = find_sites(model)
     assert sites.family == EXPECTED_RULE[family]
     kind = family_kind(family)
-    expected_stacks = {"seq2seq": ("encoder", "decoder"), "decoder": ("decoder",)}.get(kind, ("encoder",))
+    expected_stacks = KIND_STACKS[kind]
     assert sites.stacks == expected_stacks
     for stack in expected_stacks:
-        assert [s.layer for s in sites.stack(stack)] == list(range(N_LAYERS))
+        assert [s.layer for s in sites.stack(stack)] == list(range(1 if family in SHARED else N_LAYERS))
     assert all(s.width == WIDTH.get(family, 64) for s in sites)
     assert sites.gated == (family in ("t5-gated", "llama", "mistral", "qwen2", "gemma3"))
     modules = dict(model.named_modules())

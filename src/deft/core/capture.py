@@ -10,10 +10,13 @@ One :class:`ActivationCapture` serves both consumers of the activations:
 Masks come from the model call itself (a pre-hook on the transformers model, and on the
 encoder of encoder–decoder models, which ``generate()`` calls on its own) and are aligned with
 each activation by :mod:`deft.core.masks`, the one real-token rule set (padding, prefix/prompt
-virtual tokens, incremental decoding, OPT's flattened MLP, beam search).
+virtual tokens, incremental decoding, OPT's flattened MLP, beam search, decoder inputs a model
+derives itself).
 
-Each site is counted once per model call: a hook firing again before the next call is the
-recomputation of gradient checkpointing and is ignored.
+Every call of a site's module in a forward is counted: a module shared by several layers
+(ALBERT) is one layer per call — the loss sums every call, and a :class:`DensityMeter` gets one
+row per call (:meth:`DensityMeter.layer_row`). A call made while autograd runs a backward pass is
+gradient checkpointing's recomputation of a layer already counted, and is ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from .layers import unwrap_model
 from .loss import site_term
-from .masks import align_mask, call_masks, mask_2d
+from .masks import align_mask, call_masks, labels_feed_decoder, mask_2d
 from .metrics import DensityMeter
 from .sites import STACKS, SiteMap, find_sites
 
@@ -52,16 +55,19 @@ class ActivationCapture:
         self.sites = sites if sites is not None else find_sites(model)
         self.approx = approx
         self.meter = meter
-        self.calls: Counter[int] = Counter()  # accepted hook calls per site
-        self.recomputed: Counter[int] = Counter()  # ignored re-fires (gradient checkpointing)
+        self.calls: Counter[int] = Counter()  # counted hook calls per site (one per layer it serves)
+        self.recomputed: Counter[int] = Counter()  # ignored calls in backward (gradient checkpointing)
         self._handles: list = []
         self._masks: dict[str, torch.Tensor | None] = dict.fromkeys(STACKS)
         self._batch_size: int | None = None
-        self._fired: set[int] = set()
+        self._pass_calls: Counter[int] = Counter()  # calls per site in the current model call
+        self._positions: Counter[str] = Counter()  # calls per stack in the current model call
+        self._meter_row: dict[int, int] = {}  # per site: the meter row of its last counted call
         self._terms: dict[str, list] = {s: [] for s in STACKS}
         self._grouped = 0
         self.meter_rows: int | None = None
         self._encdec = bool(getattr(self.base.config, "is_encoder_decoder", False))
+        self._labels_to_decoder = labels_feed_decoder(self.base)
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self) -> "ActivationCapture":
@@ -127,7 +133,8 @@ class ActivationCapture:
 
     # -- hooks ---------------------------------------------------------------------------
     def _reset_pass(self) -> None:
-        self._fired.clear()
+        self._pass_calls.clear()
+        self._positions.clear()
         self._terms = {s: [] for s in STACKS}  # drop graph references of an unconsumed pass
 
     def _bind(self, signature, args, kwargs) -> dict:
@@ -144,7 +151,7 @@ class ActivationCapture:
         batch = next((bound[k] for k in ("input_ids", "inputs_embeds", "pixel_values", "decoder_input_ids")
                       if isinstance(bound.get(k), torch.Tensor)), None)
         self._batch_size = int(batch.shape[0]) if batch is not None else None
-        encoder_mask, decoder_mask = call_masks(bound, self._encdec)
+        encoder_mask, decoder_mask = call_masks(bound, self._encdec, self._labels_to_decoder)
         if not self._encdec:
             self._masks = dict.fromkeys(STACKS, encoder_mask)
             return
@@ -156,8 +163,10 @@ class ActivationCapture:
         # generate() runs the encoder on its own, outside the model's forward.
         bound = self._bind(inspect.signature(module.forward), args, kwargs)
         self._masks["encoder"] = mask_2d(bound.get("attention_mask"))
-        encoder_sites = [i for i, s in enumerate(self.sites) if s.stack == "encoder"]
-        self._fired.difference_update(encoder_sites)
+        for i, s in enumerate(self.sites):
+            if s.stack == "encoder":
+                self._pass_calls.pop(i, None)
+        self._positions.pop("encoder", None)
         if self.meter is not None and not self._grouped:
             self.meter.end_sequences()
 
@@ -176,18 +185,38 @@ class ActivationCapture:
         site = self.sites.sites[index]
         act3, mask = align_mask(act, self._masks[site.stack], self._batch_size)
         wants_loss = self.approx is not None and torch.is_grad_enabled() and act.requires_grad
-        if index in self._fired:
+        if not self._claim(index):
             # Recomputation under gradient checkpointing: redo the loss ops so the checkpoint sees
             # the same saved tensors as in the forward (it checks), but count nothing.
-            self.recomputed[index] += 1
             if wants_loss:
                 site_term(act3, mask, self.approx, source)
             return
-        self._fired.add(index)
-        self.calls[index] += 1
         if wants_loss:
             self._terms[site.stack].append(site_term(act3, mask, self.approx, source))
         if self.meter is not None:
             if self.meter_rows is not None and self.meter_rows < mask.shape[0]:
                 mask = mask & (torch.arange(mask.shape[0], device=mask.device) < self.meter_rows).unsqueeze(1)
-            self.meter.update(index, act3.detach(), mask)
+            self.meter.update(self._meter_row.get(index, index), act3.detach(), mask)
+
+    def _claim(self, index: int) -> bool:
+        """Count the site's call; False when autograd runs a backward pass: the recomputation of
+        gradient checkpointing, which counts nothing. The n-th call of a site in one model call is
+        its module serving an n-th layer (a module shared by layers): a meter row of its own."""
+        if in_backward():
+            self.recomputed[index] += 1
+            return False
+        stack = self.sites.sites[index].stack
+        call, position = self._pass_calls[index], self._positions[stack]
+        self._pass_calls[index] += 1
+        self._positions[stack] += 1
+        self.calls[index] += 1
+        layer_row = getattr(self.meter, "layer_row", None)  # per-layer meters; others count per module
+        self._meter_row[index] = layer_row(index, call, position) if layer_row is not None else index
+        return True
+
+
+def in_backward() -> bool:
+    """Whether autograd's engine is running a backward pass. A module forward inside one is
+    gradient checkpointing recomputing a layer (reentrant or not); grad mode cannot tell: the
+    recomputation runs with gradients on, as a training forward does."""
+    return torch._C._current_graph_task_id() != -1

@@ -2,8 +2,11 @@
 
 * A model call's masks come from its own arguments: ``attention_mask`` for the encoder (and for
   decoder-only models); for encoder–decoder models the decoder uses ``decoder_attention_mask``,
-  else — when the model builds its decoder inputs by shifting ``labels`` — ``labels != -100``
-  (:func:`call_masks`).
+  else the mask of the decoder inputs the model builds itself, the way it builds them: a
+  generation model shifts ``labels`` right (``labels != -100``); without labels, or in a model
+  that is no generator (BART's or T5's classifier, where labels are classes), ``input_ids``
+  shifted right behind a start token — so the encoder's mask shifted right, its first position
+  real (:func:`call_masks`).
 * A tensor with fewer positions than its mask keeps the mask's *last* positions (prefix tuning's
   virtual keys, incremental decoding: new tokens sit at the end of the mask); one with more
   positions has real positions prepended (prompt tuning's virtual tokens, which the MLP
@@ -37,17 +40,32 @@ def mask_2d(mask) -> torch.Tensor | None:
     return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
-def call_masks(arguments: Mapping, encoder_decoder: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(encoder mask, decoder mask) of one model call from its bound arguments (module doc)."""
+def labels_feed_decoder(model) -> bool:
+    """Whether ``model`` (encoder–decoder) builds its decoder inputs from ``labels``: a generation
+    model does (``...ForConditionalGeneration``); a classifier's labels are classes."""
+    base = unwrap_model(model)
+    can_generate = getattr(base, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else True
+
+
+def call_masks(arguments: Mapping, encoder_decoder: bool,
+               labels_to_decoder: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(encoder mask, decoder mask) of one model call from its bound arguments (module doc);
+    ``labels_to_decoder``: :func:`labels_feed_decoder` of the model called."""
     mask = mask_2d(arguments.get("attention_mask"))
     if not encoder_decoder:
         return mask, mask
     decoder = mask_2d(arguments.get("decoder_attention_mask"))
+    if decoder is not None or arguments.get("decoder_input_ids") is not None or \
+            arguments.get("decoder_inputs_embeds") is not None:
+        return mask, decoder
     labels = arguments.get("labels")
-    if decoder is None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and \
-            arguments.get("decoder_input_ids") is None and arguments.get("decoder_inputs_embeds") is None:
-        decoder = labels != IGNORE_INDEX  # decoder inputs are the shifted labels; -100 marks padding
-    return mask, decoder
+    if labels_to_decoder and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        return mask, labels != IGNORE_INDEX  # decoder inputs are the shifted labels; -100 marks padding
+    if mask is not None and isinstance(arguments.get("input_ids"), torch.Tensor):
+        # decoder inputs = [start] + input_ids[:-1] (BART's shift_tokens_right, T5's _shift_right)
+        return mask, torch.cat([mask.new_ones(mask.shape[0], 1), mask[:, :-1]], dim=1)
+    return mask, None
 
 
 def align_positions(mask: torch.Tensor, positions: int) -> torch.Tensor:
@@ -96,7 +114,7 @@ class TokenMasks:
         encdec = bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
         if not isinstance(batch, Mapping):
             return cls(None, None, encdec)
-        enc, dec = call_masks(batch, encdec)
+        enc, dec = call_masks(batch, encdec, labels_feed_decoder(base))
         return cls(enc.bool() if enc is not None else None, dec.bool() if dec is not None else None, encdec)
 
     def for_module(self, name: str) -> torch.Tensor | None:

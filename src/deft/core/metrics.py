@@ -12,7 +12,8 @@ tokens only:
   for a whole sequence.
 
 Model density is the mean over layers (as the paper averages across layers); per-stack
-numbers are means over that stack's layers.
+numbers are means over that stack's layers. A module that serves several layers (ALBERT shares
+one MLP across all of them) is one row per layer: :meth:`DensityMeter.layer_row`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class DensityMeter:
         self.sites = tuple(self.sites)
         self.counts = [SiteCounts() for _ in self.sites]
         self._union: dict[int, torch.Tensor] = {}  # per site: (B, width) bool, current sequences
+        self._rows: dict[tuple[int, int], int] = {}  # (site, its n-th call in a model call) -> row
+        self._positions: dict[int, int] = {}  # row -> place of its call among its stack's calls
 
     @torch.no_grad()
     def update(self, index: int, act: torch.Tensor, mask: torch.Tensor) -> None:
@@ -111,6 +114,30 @@ class DensityMeter:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         self.counts = [SiteCounts(**dict(zip(names, map(int, row)))) for row in totals.tolist()]
 
+    def layer_row(self, index: int, call: int, position: int) -> int:
+        """The row counting the ``call``-th call (from 0) of site ``index`` within one model call,
+        ``position``-th among the calls of the site's stack: a module called again in the same
+        forward serves another layer (ALBERT), which gets a row of its own, added here."""
+        key = (index, call)
+        row = self._rows.get(key)
+        if row is None:
+            row = index if call == 0 else len(self.sites)
+            if call:
+                self.sites += (self.sites[index],)
+                self.counts.append(SiteCounts())
+            self._rows[key] = row
+            self._positions[row] = position
+        return row
+
+    def _layers(self) -> list[tuple[int, int]]:
+        """(row, layer) in report order. In a stack with a shared module the layers are the
+        calls' places in the stack's forward order; elsewhere the sites' own, in the given order."""
+        shared = {self.sites[i].stack for (_, call), i in self._rows.items() if call}
+        order = {s: i for i, s in enumerate(STACKS)}
+        rows = [(i, self._positions.get(i, site.layer) if site.stack in shared else site.layer)
+                for i, site in enumerate(self.sites)]
+        return sorted(rows, key=lambda r: (order[self.sites[r[0]].stack], r[1])) if shared else rows
+
     def reset(self) -> None:
         self.counts = [SiteCounts() for _ in self.sites]
         self._union.clear()
@@ -118,9 +145,10 @@ class DensityMeter:
     def result(self) -> "DensityReport":
         self.end_sequences()
         per_layer = []
-        for site, c in zip(self.sites, self.counts):
+        for i, layer in self._layers():
+            site, c = self.sites[i], self.counts[i]
             per_layer.append({
-                "site": site.module, "stack": site.stack, "layer": site.layer, "width": site.width,
+                "site": site.module, "stack": site.stack, "layer": layer, "width": site.width,
                 "density": _ratio(c.nonzero, c.elements),
                 "density_threshold": _ratio(c.above, c.elements),
                 "union_density": _ratio(c.union_active, c.union_total),

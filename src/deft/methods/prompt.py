@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.layers import unwrap_model
 from .base import MethodConfig, PromptLearningMethod, extra_modules_to_save, prompt_learning_dims, register_method
 
 PROMPT_INITS = ("RANDOM", "TEXT")
@@ -60,7 +61,12 @@ class PromptMethod(PromptLearningMethod):
 
         text = {"prompt_tuning_init_text": config.init_text,
                 "tokenizer_name_or_path": config.tokenizer_name_or_path} if config.init == "TEXT" else {}
+        dims = prompt_learning_dims(model)
+        # Virtual tokens join the word embeddings, so they take their width: ALBERT's (128) is not
+        # its hidden size (768), which peft would use.
+        embeddings = unwrap_model(model).get_input_embeddings()
+        if isinstance(getattr(embeddings, "embedding_dim", None), int):
+            dims["token_dim"] = embeddings.embedding_dim
         return PromptTuningConfig(
             task_type=task_type, num_virtual_tokens=config.num_virtual_tokens, prompt_tuning_init=config.init,
-            modules_to_save=extra_modules_to_save(model, task_type), inference_mode=False,
-            **prompt_learning_dims(model), **text)
+            modules_to_save=extra_modules_to_save(model, task_type), inference_mode=False, **dims, **text)
