@@ -185,6 +185,7 @@ class _Estimator:
         # the real-token rows of each activation shape.
         self.weight_stats: dict[str, tuple] = {}
         self.keep_cache: dict[tuple, torch.Tensor | None] = {}
+        self.recent: dict[tuple, tuple] = {}
         # Data-dependent counts of one batch stay tensors until the batch ends: one conversion
         # (one device sync) per batch instead of several per module call.
         self.pending_counts: list[tuple[str, str, OpCounts]] = []
@@ -228,8 +229,8 @@ class _Estimator:
         tensors = [(c, f.name) for _, _, c in self.pending_counts for f in fields(c)
                    if isinstance(getattr(c, f.name), torch.Tensor)]
         if tensors:
-            device = getattr(tensors[0][0], tensors[0][1]).device
-            values = torch.stack([getattr(c, f).reshape(()).to(device, torch.int64) for c, f in tensors]).tolist()
+            device = getattr(*tensors[0]).device  # all 0-d int64 counts; moved only off another device
+            values = torch.stack([getattr(c, f).to(device) for c, f in tensors]).tolist()
             for (c, f), value in zip(tensors, values):
                 setattr(c, f, int(value))
         for name, kind, c in self.pending_counts:
@@ -253,12 +254,6 @@ class _Estimator:
     def _nz_weight(self, t: torch.Tensor) -> torch.Tensor:
         return self._nz(t) if self.cfg.skip_zero_weights else torch.ones_like(t, dtype=torch.bool)
 
-    def _count(self, t: torch.Tensor) -> torch.Tensor:
-        """Non-zero entries of an activation (all of them when activations are not skipped)."""
-        if self.cfg.skip_zero_activations:
-            return self._nz(t).sum()
-        return torch.tensor(t.numel())
-
     def _rows(self, name: str, t: torch.Tensor, feature_dim: bool = True) -> torch.Tensor:
         """``t`` flattened to (rows, features) keeping only real-token rows."""
         if feature_dim and t.dim() >= 1:
@@ -272,6 +267,24 @@ class _Estimator:
             self.keep_cache[key] = None if keep is None or bool(keep.all()) else keep.to(flat.device)
         keep = self.keep_cache[key]
         return flat if keep is None else flat[keep]
+
+    def _activation(self, name: str, t: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+        """(real-token rows, features, non-zero entries per feature) of an activation. One tensor
+        feeds several modules (a linear's output its activation, a norm's output q, k and v): the
+        last few counts are kept with the tensors they were taken of, so no address is reused
+        while kept (in-place writes change ``_version``)."""
+        mask = None if name in self.unmasked else self.masks.for_module(name)
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype, id(mask))
+        if key in self.recent:
+            return self.recent[key][1]
+        rows = self._rows(name, t)
+        per_feature = self._nz(rows).sum(dim=0) if self.cfg.skip_zero_activations else \
+            torch.full((rows.shape[1],), rows.shape[0], dtype=torch.int64, device=t.device)
+        counts = (rows.shape[0], rows.shape[1], per_feature)
+        self.recent[key] = (t, counts)
+        if len(self.recent) > 8:
+            self.recent.pop(next(iter(self.recent)))
+        return counts
 
     def _weights(self, name: str, module: nn.Module, kind: str, n_in: int = 0, n_out: int = 0) -> tuple:
         """(parameter values read by one call, non-zero ones, non-zero weights per input feature —
@@ -299,39 +312,29 @@ class _Estimator:
             return
         x, y = x.detach(), y.detach()
         c = OpCounts()
+        if kind == "embedding":  # the looked-up rows are read, then written out
+            yr, c.inputs = self._rows(name, y), self._rows(name, x, feature_dim=False).numel()
+            nz, c.params, c.outputs, c.inputs_nz = self._nz(yr).sum(), yr.numel(), yr.numel(), c.inputs
+            c.params_nz = nz if self.cfg.skip_zero_weights else c.params
+            c.outputs_nz = nz if self.cfg.skip_zero_activations else c.outputs
+            self._defer(name, kind, c)
+            return
+        rows, n_in, per_feature = self._activation(name, x)  # non-zero inputs per input feature
+        out_rows, n_out, out_nz = self._activation(name, y)
+        c.inputs, c.inputs_nz = rows * n_in, per_feature.sum()
+        c.outputs, c.outputs_nz = out_rows * n_out, out_nz.sum()
         if kind == "linear":
-            n_in, n_out = x.shape[-1], y.shape[-1]
             c.params, c.params_nz, col_nz = self._weights(name, module, kind, n_in, n_out)
-            xr, yr = self._rows(name, x), self._rows(name, y)
             if col_nz is None:  # weights not inspectable: counted as dense
                 self.opaque.add(f"{name} ({type(module).__name__}: weights counted as dense)")
                 col_nz = torch.full((n_in,), n_out, dtype=torch.int64, device=x.device)
-            if self.cfg.skip_zero_activations:
-                per_feature = self._nz(xr).sum(dim=0)  # non-zero inputs per input feature
-            else:
-                per_feature = torch.full((n_in,), xr.shape[0], dtype=torch.int64, device=x.device)
-            c.inputs, c.inputs_nz = xr.numel(), per_feature.sum()
-            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
-            c.macs = xr.shape[0] * n_out * n_in
+            c.macs = rows * n_out * n_in
             c.macs_nz = (per_feature * col_nz.to(per_feature.device)).sum()  # exact in int64
-        elif kind == "embedding":
-            ids = self._rows(name, x, feature_dim=False)
-            yr = self._rows(name, y)
-            c.params = yr.numel()  # looked-up rows
-            c.params_nz = self._nz(yr).sum() if self.cfg.skip_zero_weights else yr.numel()
-            c.inputs = c.inputs_nz = ids.numel()
-            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
         elif kind == "norm":
-            xr, yr = self._rows(name, x), self._rows(name, y)
             c.params, c.params_nz, _ = self._weights(name, module, kind)
-            c.inputs, c.inputs_nz = xr.numel(), self._count(xr)
-            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
-            c.ops = c.ops_nz = self.cfg.norm_ops_per_element * xr.numel()
+            c.ops = c.ops_nz = self.cfg.norm_ops_per_element * c.inputs
         else:  # activation
-            xr, yr = self._rows(name, x), self._rows(name, y)
-            c.inputs, c.inputs_nz = xr.numel(), self._count(xr)
-            c.outputs, c.outputs_nz = yr.numel(), self._count(yr)
-            c.ops, c.ops_nz = xr.numel(), c.inputs_nz
+            c.ops, c.ops_nz = c.inputs, c.inputs_nz
         self._defer(name, kind, c)
 
     # attention ---------------------------------------------------------------------------
@@ -432,6 +435,7 @@ class _Estimator:
         self.pending.clear()
         self.pending_counts.clear()
         self.keep_cache.clear()
+        self.recent.clear()
         self.batch_counts = {}
         call_model(self.model, batch)
         self.pending.clear()
