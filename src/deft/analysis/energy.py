@@ -76,32 +76,13 @@ from ..core.batches import call_model, model_device, move_batch
 from ..core.layers import is_conv1d, unwrap_model
 from ..core.masks import TokenMasks, in_decoder
 from .energy_costs import (HOROWITZ_45NM_PJ, KINDS, SPONGE_COMPUTE_PJ, SPONGE_MEMORY_PJ, SPONGE_ZERO_THRESHOLD_FP32,
-                           EnergyConfig, EnergyReport, OpCounts, energy_change)
+                           EnergyConfig, EnergyReport, OpCounts, energy_change, module_kind)
 
-# --- Module classification --------------------------------------------------------------------
-_NORM_NAME = re.compile(r"(LayerNorm|RMSNorm|GroupNorm|LayerNorm2d)$", re.IGNORECASE)
-_TORCH_ACTS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.LeakyReLU, nn.ELU,
-               nn.SELU, nn.CELU, nn.Hardswish, nn.Hardtanh, nn.Softsign, nn.Tanhshrink)
+# --- Attention projections --------------------------------------------------------------------
 _QKV_NAMES = (("query", "key", "value"), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"),
               ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"))
 _FUSED_QKV = ("c_attn",)  # GPT-2 family: one projection, output split into equal thirds
 _CROSS_NAME = re.compile(r"encdec|cross|encoder_attn", re.IGNORECASE)
-
-
-def _module_kind(module: nn.Module) -> str | None:
-    if next(module.children(), None) is not None:
-        return None  # only leaves; containers (LoRA wrappers included) are counted through them
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or _NORM_NAME.search(type(module).__name__) or \
-            type(module).__name__ == "RMSNorm":
-        return "norm"
-    if isinstance(module, _TORCH_ACTS) or (
-            type(module).__module__ == "transformers.activations" and type(module).__name__ != "LinearActivation"):
-        return "activation"
-    return None
 
 
 def _weight_out_in(module: nn.Module, n_in: int, n_out: int) -> torch.Tensor | None:
@@ -197,7 +178,7 @@ class _Estimator:
     # hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
         for name, module in self.model.named_modules():
-            kind = _module_kind(module)
+            kind = module_kind(module)
             if kind is not None:
                 self.handles.append(module.register_forward_hook(partial(self._on_leaf, name, kind)))
             elif next(module.children(), None) is None and any(True for _ in module.parameters(recurse=False)):

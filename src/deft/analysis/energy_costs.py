@@ -1,9 +1,15 @@
 """The cost model of :mod:`deft.analysis.energy`: energy per operation (the sponge estimator's
-hardware model), the counts an operation costs, the report, and the energy change."""
+hardware model), which modules are counted as which kind of operation, the counts an operation
+costs, the report, and the energy change."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
+
+from torch import nn
+
+from ..core.layers import is_conv1d
 
 # --- Energy constants -------------------------------------------------------------------------
 # Source: the sponge-examples estimator (Shumailov et al. 2021; iliaishacked/sponge_examples,
@@ -30,6 +36,28 @@ HOROWITZ_45NM_PJ = {
 SPONGE_ZERO_THRESHOLD_FP32 = 2.0 ** -126
 
 KINDS = ("linear", "embedding", "norm", "activation", "attention_qk", "attention_av")
+
+# --- Module classification --------------------------------------------------------------------
+_NORM_NAME = re.compile(r"(LayerNorm|RMSNorm|GroupNorm|LayerNorm2d)$", re.IGNORECASE)
+_TORCH_ACTS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.LeakyReLU, nn.ELU,
+               nn.SELU, nn.CELU, nn.Hardswish, nn.Hardtanh, nn.Softsign, nn.Tanhshrink)
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The kind (:data:`KINDS`) a leaf module is counted as, or None (not counted)."""
+    if next(module.children(), None) is not None:
+        return None  # only leaves; containers (LoRA wrappers included) are counted through them
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or _NORM_NAME.search(type(module).__name__) or \
+            type(module).__name__ == "RMSNorm":
+        return "norm"
+    if isinstance(module, _TORCH_ACTS) or (
+            type(module).__module__ == "transformers.activations" and type(module).__name__ != "LinearActivation"):
+        return "activation"
+    return None
 
 
 @dataclass
