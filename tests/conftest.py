@@ -76,6 +76,30 @@ FAMILIES = {
              T.BartForSequenceClassification, "encdec-cls"),
     "vit": (lambda: T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                 image_size=16, patch_size=8, num_labels=3), T.ViTForImageClassification, "vision"),
+    # Mixture of experts: 4 routed experts (3-D weights), 2 per token; Qwen2-MoE adds a shared
+    # expert every token goes through (its own width, 48).
+    "mixtral": (lambda: T.MixtralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64, num_local_experts=4,
+                                        num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                T.MixtralForCausalLM, "decoder"),
+    "qwen2-moe": (lambda: T.Qwen2MoeConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           num_key_value_heads=1, intermediate_size=64, moe_intermediate_size=64,
+                                           shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                                           bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                  T.Qwen2MoeForCausalLM, "decoder"),
+    # Fused gate/up projections: one dense layer, chunk(2).
+    "phi3": (lambda: T.Phi3Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=64, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0), T.Phi3ForCausalLM, "decoder"),
+    "modernbert": (lambda: T.ModernBertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=64, pad_token_id=0,
+                                              bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
+                   T.ModernBertForSequenceClassification, "encoder"),
+    # BLOOM's activation is a model-file class (BloomGelu); Swin's stages restart their block numbers.
+    "bloom": (lambda: T.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=2, bos_token_id=1,
+                                    eos_token_id=2, pad_token_id=0), T.BloomForCausalLM, "decoder"),
+    "swin": (lambda: T.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                  window_size=2, mlp_ratio=4.0, num_labels=3), T.SwinForImageClassification, "vision"),
 }
 TEXT_FAMILIES = [f for f, (_, _, kind) in FAMILIES.items() if kind != "vision"]
 N_LAYERS = 2
@@ -145,6 +169,9 @@ UNSUPPORTED = {
     ("albert", "prefix"): "ALBERT's forward takes no past_key_values to carry the prefix",
     ("encdec-cls", "prefix"): "peft's virtual tokens on an encoder-decoder model work only for SEQ_2_SEQ_LM",
     ("encdec-cls", "prompt"): "peft's virtual tokens on an encoder-decoder model work only for SEQ_2_SEQ_LM",
+    ("modernbert", "prefix"): "ModernBERT's forward takes no past_key_values to carry the prefix",
+    ("mixtral", "adapter"): "bottleneck adapters wrap the down projection; routed experts have none (3-D weights)",
+    ("qwen2-moe", "adapter"): "bottleneck adapters wrap the down projection; routed experts have none (3-D weights)",
 }
 
 # operation -> method -> why that operation refuses the method on every family. Tests of the
@@ -153,6 +180,16 @@ REFUSED = {
     "export": {"qlora": "merging LoRA into NF4 weights re-quantises them: QLoRA export is refused"},
     "prune": {"qlora": "4-bit weights are no plain float matrix: prune before quantising"},
 }
+# Mixture-of-experts families: one site per layer over the routed experts' (token, expert) pairs
+# (plus Qwen2-MoE's shared expert: SITES_PER_LAYER). Their 3-D expert weights are no dense
+# layers, so these operations refuse them in one line (tests assert the refusal):
+ROUTED_FAMILIES = ("mixtral", "qwen2-moe")
+ROUTED_REFUSED = {
+    "product": "the routed experts' gated product is computed inside the experts module: no input to hook",
+    "skip": "skipping a block replaces its dense layers; routed experts have none",
+    "prune": "WANDA scores dense layers; routed experts hold 3-D weights",
+}
+SITES_PER_LAYER = {"qwen2-moe": 2}  # routed experts and the shared expert
 
 # One family per kind, for per-pair tests too slow to run over every family (export round trips):
 # BERT (encoder), gated T5 (encoder-decoder, gated MLP), GPT-2 (decoder, Conv1D weights),

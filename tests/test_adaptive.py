@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from conftest import (FAMILIES, KIND_STACKS, REFUSED, REPRESENTATIVES, build, family_kind, labels_for, make_inputs,
-                      make_model, matrix_params)
+from conftest import (FAMILIES, KIND_STACKS, REFUSED, REPRESENTATIVES, ROUTED_FAMILIES, SITES_PER_LAYER, build,
+                      family_kind, labels_for, make_inputs, make_model, matrix_params)
 from safetensors.torch import load_file, save_file
 
 from deft.adaptive import (
@@ -64,8 +64,16 @@ def _outputs(model, inputs):
 
 def _block_numel(model, site):
     base = unwrap_model(model)
-    return sum(p.numel() for path in (site.first, site.mult, site.down) if path
+    return sum(p.numel() for path in dict.fromkeys((site.first, site.mult, site.down)) if path  # fused: one layer
                for p in base.get_submodule(path).parameters())
+
+
+def _assert_routed_refusal(action, family):
+    """Blocks of routed experts cannot be skipped (conftest.ROUTED_REFUSED): one line, nothing removed."""
+    assert family in ROUTED_FAMILIES
+    with pytest.raises(AdaptiveError, match="mixture-of-experts") as err:
+        action()
+    assert "\n" not in str(err.value)
 
 
 # -- α: initialisation, sites, loss ------------------------------------------------------------
@@ -136,9 +144,11 @@ def test_density_loss_sees_scaled_activation():
 def test_alpha_trainable_under_every_method(family, method):
     model, _ = build(family, method)
     trainable_before, _ = trainable_parameters(model)
-    handle = apply_adaptive(model, find_sites(model, "product"))  # any site point: α wraps σ
+    point = "act" if family in ROUTED_FAMILIES else "product"  # routed experts: ROUTED_REFUSED["product"]
+    handle = apply_adaptive(model, find_sites(model, point))  # any site point: α wraps σ
     # two layers per stack, each with its MLP block; ALBERT's one block serves both layers
     n_sites = len(KIND_STACKS[family_kind(family)]) * (1 if family == "albert" else 2)
+    n_sites *= SITES_PER_LAYER.get(family, 1)  # Qwen2-MoE: routed and shared experts
     assert len(handle.sites) == n_sites and trainable_parameters(model)[0] == trainable_before + n_sites
     model.train()
     out = model(**labels_for(family, make_inputs(family)))
@@ -158,7 +168,10 @@ def test_skipped_block_equals_alpha_zero_and_frees_weights(family):
     model, inputs = make_model(family), make_inputs(family, pad=2)
     sites = find_sites(model)
     handle = apply_adaptive(model, sites, AdaptiveConfig(seed=1))
-    target = sites.sites[0]
+    if all(s.routed for s in sites):
+        handle.set_alphas({sites.sites[0].module: 0.0})
+        return _assert_routed_refusal(lambda: skip_blocks(model, sites, threshold=0.01), family)
+    target = next(s for s in sites if not s.routed)  # Qwen2-MoE: its shared expert is a dense block
     handle.set_alphas({target.module: 0.0})
     reference = _outputs(model, inputs)
     params_before = sum(p.numel() for p in model.parameters())
@@ -183,6 +196,8 @@ def test_skip_under_peft_methods(family, method):
     handle.set_alphas({target.module: 0.0})
     inputs = _inputs(family)
     reference = _outputs(model, inputs)
+    if target.routed:
+        return _assert_routed_refusal(lambda: skip_blocks(model, None, threshold=0.01), family)
     skip_blocks(model, None, threshold=0.01)
     down = unwrap_model(model).get_submodule(target.down)
     assert isinstance(down, ConstantProjection)

@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import (FAMILIES, METHODS, N_LAYERS, TEXT_FAMILIES, build, family_kind, make_inputs, make_model,
-                      matrix_params)
+from conftest import (FAMILIES, METHODS, N_LAYERS, SITES_PER_LAYER, TEXT_FAMILIES, build, family_kind, make_inputs,
+                      make_model, matrix_params)
 from deft.core.approx import make_approx
 from deft.core.capture import ActivationCapture, align_mask
 from deft.core.loss import DensityLossConfig, combine_terms
@@ -68,8 +68,9 @@ def test_hooks_fire_once_per_layer_with_gradient_checkpointing(family):
         loss = combine_terms(cap.pop_terms(), DensityLossConfig()) + out.logits.float().mean()
         loss.backward()
         assert dict(cap.calls) == {i: 1 for i in range(len(sites))}
-        # recomputation really happened in backward — and was not counted
-        assert dict(cap.recomputed) == {i: 1 for i in range(len(sites))}
+        # recomputation really happened in backward — and was not counted (Swin checkpoints its
+        # stages and their blocks too: a block is recomputed once per enclosing checkpoint)
+        assert set(cap.recomputed) == set(range(len(sites))) and min(cap.recomputed.values()) >= 1
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -85,7 +86,7 @@ def test_hooks_fire_once_per_layer_per_forward(family):
         for _ in range(3):
             model(**make_inputs(family))
         assert dict(cap.calls) == dict(seen)
-        assert sum(seen.values()) == 3 * N_LAYERS * len(sites.stacks)
+        assert sum(seen.values()) == 3 * N_LAYERS * len(sites.stacks) * SITES_PER_LAYER.get(family, 1)
         assert not cap.recomputed
     for h in hooks:
         h.remove()
@@ -179,7 +180,8 @@ def test_prompt_tuning_virtual_tokens_counted_and_prefix_keys_not(family, method
     rows = measure(model, [inputs]).per_layer
     first = "decoder" if family_kind(family) == "decoder" else "encoder"  # the stack fed input_ids
     expected = real + 2 * virtual if method == "prompt" else real  # virtual tokens per sequence
-    assert [r["tokens"] for r in rows if r["stack"] == first] == [expected] * N_LAYERS
+    per_layer = SITES_PER_LAYER.get(family, 1)  # Qwen2-MoE: routed and shared experts, each over every token
+    assert [r["tokens"] for r in rows if r["stack"] == first] == [expected] * N_LAYERS * per_layer
     if family_kind(family) == "seq2seq":  # the decoder reads the 2 × 4 labels, no virtual tokens
         assert [r["tokens"] for r in rows if r["stack"] == "decoder"] == [2 * 4] * N_LAYERS
 

@@ -213,8 +213,13 @@ def test_model_loss_and_density_match_hand_computation(family, method):
         if y.requires_grad:
             penalty[site.stack] = penalty.get(site.stack, 0.0) + float((a * a / (a * a + eps)).sum())
             elements[site.stack] = elements.get(site.stack, 0) + a.numel()
-        a = a.reshape(2, -1, site.width)  # (batch, positions, neurons); OPT hands over (B·T, h)
         row = meter.result().per_layer[i]
+        if site.routed:  # rows are (token, expert) pairs, top-2 of conftest's MoE configs (union: test_families)
+            assert row["tokens"] == a.shape[0] // 2
+            assert row["density"] == pytest.approx(float((a != 0).double().mean()), abs=1e-12)
+            assert row["density_threshold"] == pytest.approx(float((a.abs() > tau).double().mean()), abs=1e-12)
+            continue
+        a = a.reshape(2, -1, site.width)  # (batch, positions, neurons); OPT hands over (B·T, h)
         assert row["tokens"] == a.shape[0] * a.shape[1]
         assert row["density"] == pytest.approx(float((a != 0).double().mean()), abs=1e-12)
         assert row["density_threshold"] == pytest.approx(float((a.abs() > tau).double().mean()), abs=1e-12)

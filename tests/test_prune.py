@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import REFUSED, build, make_inputs, make_model, matrix_params
+from conftest import REFUSED, ROUTED_FAMILIES, build, make_inputs, make_model, matrix_params
 from torch import nn
 
 from deft.analysis.prune import (PruneConfig, calibration_indices, collect_input_norms, limit_samples, magnitude_prune,
@@ -263,7 +263,21 @@ def test_wanda_refuses_4bit_weights(family, method):
     assert all(torch.equal(lora_after[n], lora_before[n]) for n in lora_before)
 
 
-@pytest.mark.parametrize(("family", "method"), [p for p in matrix_params() if p.values[1] not in REFUSED["prune"]])
+@pytest.mark.parametrize(("family", "method"), [p for p in matrix_params(families=ROUTED_FAMILIES)
+                                                 if p.values[1] not in REFUSED["prune"]])
+def test_wanda_refuses_routed_experts_before_merging(family, method):
+    """conftest.ROUTED_REFUSED["prune"]: one line, and the model is left as it was (LoRA unmerged)."""
+    model, _ = build(family, method, trained=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="mixture-of-experts") as err:
+        wanda_prune(model, [make_inputs(family)], PruneConfig(sparsity=0.5))
+    assert "\n" not in str(err.value)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize(("family", "method"), [p for p in matrix_params() if p.values[1] not in REFUSED["prune"]
+                                                 and p.values[0] not in ROUTED_FAMILIES])
 def test_wanda_under_every_method_matches_hand_computation(family, method):
     """WANDA on the MLPs' first dense layers of every pair, against a by-hand WANDA on a copy: input
     norms from plain pre-hooks (no padding, so every position — virtual tokens too — is real),

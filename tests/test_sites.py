@@ -10,8 +10,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, 
 EXPECTED_RULE = {"bert": "bert", "roberta": "bert", "distilbert": "distilbert", "t5": "t5", "t5-gated": "t5-gated",
                  "gpt2": "gpt2", "opt": "opt", "llama": "llama-gated", "mistral": "llama-gated",
                  "qwen2": "llama-gated", "gemma3": "llama-gated", "vit": "vit", "albert": "generic",
-                 "bart": "generic"}
-WIDTH = {"gpt2": 128}  # GPT-2's n_inner defaults to 4 × n_embd
+                 "bart": "generic", "mixtral": "mixtral-moe", "qwen2-moe": "qwen2-moe", "phi3": "phi3-fused",
+                 "modernbert": "modernbert-fused", "bloom": "generic", "swin": "generic"}
+# Widths of a stack's sites in forward order, by hand from the configs in conftest.py (64 unless
+# listed): GPT-2 and BLOOM default to 4 × hidden; Swin's stages are 16 and 32 wide, mlp_ratio 4;
+# Qwen2-MoE's layers have the routed experts (64) and the shared expert (48).
+WIDTHS = {"gpt2": [128] * 2, "bloom": [128] * 2, "swin": [64, 128], "qwen2-moe": [64, 48] * 2}
+GATED = ("t5-gated", "llama", "mistral", "qwen2", "gemma3", "phi3", "modernbert", "mixtral", "qwen2-moe")
+ROUTED = ("mixtral", "qwen2-moe")  # mixture of experts: 4 routed experts per layer
+FUSED = ("phi3", "modernbert")  # gate and up are the halves of one dense layer
 # One MLP module serving every layer (ALBERT): one site; capture counts each of its calls as a
 # layer (tests/test_shared_layers.py).
 SHARED = ("albert",)
@@ -25,20 +32,31 @@ def test_sites_found_per_stack(family):
     kind = family_kind(family)
     expected_stacks = KIND_STACKS[kind]
     assert sites.stacks == expected_stacks
-    for stack in expected_stacks:
-        assert [s.layer for s in sites.stack(stack)] == list(range(1 if family in SHARED else N_LAYERS))
-    assert all(s.width == WIDTH.get(family, 64) for s in sites)
-    assert sites.gated == (family in ("t5-gated", "llama", "mistral", "qwen2", "gemma3"))
+    per_layer = 2 if family == "qwen2-moe" else 1
+    layers = 1 if family in SHARED else N_LAYERS
+    for stack in expected_stacks:  # one number per layer, unique across Swin's stages
+        assert [s.layer for s in sites.stack(stack)] == [i for i in range(layers) for _ in range(per_layer)]
+        assert [s.width for s in sites.stack(stack)] == WIDTHS.get(family, [64] * layers)
+    assert sites.gated == (family in GATED)
+    assert sites.experts == (4 if family in ROUTED else 0)
     modules = dict(model.named_modules())
     for s in sites:  # every path points at a real module of the model
-        assert s.module in modules and s.first in modules and s.down in modules
+        assert s.module in modules and all(p in modules for p in s.parts)
+        if s.routed:
+            assert (s.first, s.mult, s.down, s.experts) == (None, None, None, 4) and s.module.startswith(s.routed)
+        else:
+            assert s.first in modules and s.down in modules and s.experts == 0
+        assert (s.fused == "gate-up") == (family in FUSED or s.routed is not None)
+        if s.fused and not s.routed:  # first is mult: one layer holding both halves
+            assert s.mult == s.first and modules[s.first].out_features == 2 * s.width
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ROUTED])
 def test_product_point_hooks_down_projection_input(family):
     """What the product point's module receives, seen by plain hooks in a forward pass: σ's
-    output, times the up projection's output in gated MLPs (was: compared with act's ``down``,
-    from the same find_sites, so a wrong ``down`` path passed)."""
+    output, times the up projection's output in gated MLPs — the second half of a fused gate/up
+    layer's output (was: compared with act's ``down``, from the same find_sites, so a wrong
+    ``down`` path passed; fused layers had no down projection)."""
     model = make_model(family)
     act, product = find_sites(model, "act"), find_sites(model, "product")
     assert all(s.point == "product" for s in product)
@@ -54,10 +72,18 @@ def test_product_point_hooks_down_projection_input(family):
         model(**make_inputs(family))
     for h in hooks:
         h.remove()
-    assert all(bool(a.mult) == (family in ("t5-gated", "llama", "mistral", "qwen2", "gemma3")) for a in act)
+    assert all(bool(a.mult) == (family in GATED) for a in act)
     for i, a in enumerate(act):
-        expected = seen[("act", i)] * seen[("up", i)] if a.mult else seen[("act", i)]
-        torch.testing.assert_close(seen[("in", i)], expected, rtol=0, atol=0)
+        up = seen[("up", i)][..., a.width:] if a.fused else seen.get(("up", i))
+        expected = seen[("act", i)] * up if a.mult else seen[("act", i)]
+        torch.testing.assert_close(seen[("in", i)], expected.reshape(seen[("in", i)].shape), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ROUTED)
+def test_product_point_refused_for_routed_experts(family):
+    # The gated product of routed experts is computed inside the experts module: no module input to hook.
+    with pytest.raises(UnsupportedModelError, match="product.*routed experts"):
+        find_sites(make_model(family), "product")
 
 
 def test_generic_fallback_finds_unlisted_family():

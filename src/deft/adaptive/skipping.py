@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core.layers import float_dtype, module_device, set_module, unwrap_model
-from ..core.sites import ActivationSite, SiteMap, find_sites
+from ..core.sites import ActivationSite, SiteMap, UnsupportedModelError, find_sites, require_dense
 from .alphas import AdaptiveError, adaptive_weights, sites_at_act
 from .modules import ConstantProjection, ScaledActivation, SkippedActivation, ZeroProjection
 
@@ -60,9 +60,10 @@ def skip_sites(model: nn.Module, sites: Sequence[ActivationSite]) -> list[Activa
     for site in sites:
         if site.point != "act":
             raise AdaptiveError(f"skip_sites takes sites at σ's output (point 'act'), got {site.point!r}")
-        if not site.first or not site.down:
-            raise AdaptiveError(f"cannot skip block {site.module}: its {'first' if not site.first else 'down'} "
-                                "projection is unknown (generic site discovery found none)")
+        try:
+            require_dense(site, "skipping a block")
+        except UnsupportedModelError as err:
+            raise AdaptiveError(str(err)) from None
         act = base.get_submodule(site.module)
         if isinstance(act, SkippedActivation):
             continue
@@ -75,8 +76,8 @@ def skip_sites(model: nn.Module, sites: Sequence[ActivationSite]) -> list[Activa
         with torch.no_grad():
             constant = down(torch.zeros(1, site.width, dtype=dtype, device=device)).reshape(-1)
         down.train(was_training)
-        set_module(base, site.first, ZeroProjection(0, site.width, dtype, device))
-        if site.mult:
+        set_module(base, site.first, ZeroProjection(0, site.first_width, dtype, device))  # both halves if fused
+        if site.mult and site.mult != site.first:
             set_module(base, site.mult, ZeroProjection(0, site.width, dtype, device))
         scaled = isinstance(act, ScaledActivation)
         inner = act.inner if scaled else act
@@ -116,9 +117,8 @@ class ThresholdPoint:
 def _block_params(model: nn.Module, site: ActivationSite) -> int:
     base = unwrap_model(model)
     total = 0
-    for path in (site.first, site.mult, site.down):
-        if path:
-            total += sum(p.numel() for p in base.get_submodule(path).parameters())
+    for path in site.parts:  # a fused gate/up layer once
+        total += sum(p.numel() for p in base.get_submodule(path).parameters())
     return total
 
 

@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from ..core.batches import call_model, model_device, move_batch
+from ..core.experts import refuse_routed
 from ..core.layers import is_conv1d, unwrap_model
 from ..core.masks import TokenMasks, in_decoder
 from .energy_costs import (HOROWITZ_45NM_PJ, KINDS, SPONGE_COMPUTE_PJ, SPONGE_MEMORY_PJ, SPONGE_ZERO_THRESHOLD_FP32,
@@ -454,6 +455,7 @@ def estimate_energy(model: nn.Module, batches: Iterable, config: EnergyConfig | 
     hooks are removed and the training mode restored afterwards.
     """
     cfg = config if config is not None else EnergyConfig()
+    refuse_routed(model, "the energy model (it counts dense layers; the ratio would leave the experts out)")
     est = _Estimator(model, cfg)
     device = model_device(model)
     was_training = {m: m.training for m in model.modules()}

@@ -14,7 +14,8 @@ consecutive input weights of a row, the N highest-scored ones.
 Targets:
 
 * ``"mlp_first"`` — the first dense layer of every MLP (``find_sites(model)``'s ``.first``;
-  the gate projection in gated MLPs), the DEFT paper's setting;
+  the gate projection in gated MLPs; a fused gate/up layer whole — rows are compared on their
+  own, so its halves need no split), the DEFT paper's setting;
 * ``"all_linear"`` — every ``nn.Linear`` / GPT-2 ``Conv1D`` of the backbone, task heads and
   ``lm_head`` excluded.
 
@@ -40,7 +41,7 @@ from torch import nn
 from ..core.batches import call_model, model_device, move_batch
 from ..core.layers import dense_layer, is_conv1d, unwrap_model, weight_out_in
 from ..core.masks import TokenMasks
-from ..core.sites import find_sites
+from ..core.sites import UnsupportedModelError, find_sites, require_dense
 from ..methods import BottleneckAdapter, merge_peft
 
 
@@ -112,8 +113,17 @@ def target_modules(model: nn.Module, targets: str = "mlp_first") -> dict[str, nn
         raise ValueError(f"unknown prune targets {targets!r}; choose one of {TARGETS}")
     base = unwrap_model(model)
     modules = dict(base.named_modules())
+    try:
+        sites = find_sites(base).sites
+    except UnsupportedModelError:
+        if targets == "mlp_first":
+            raise
+        sites = ()  # all_linear needs no MLP sites
+    for site in sites:  # routed experts' 3-D weights are neither a first layer nor a Linear: refused, not left out
+        if site.routed:
+            require_dense(site, "WANDA / magnitude pruning")
     if targets == "mlp_first":
-        return {site.first: modules[site.first] for site in find_sites(base) if site.first in modules}
+        return {site.first: modules[site.first] for site in sites if site.first in modules}
     prefix = getattr(base, "base_model_prefix", "") or ""
     backbone = getattr(base, prefix, None) if prefix else None
     keep_under = f"{prefix}." if isinstance(backbone, nn.Module) and backbone is not base else None

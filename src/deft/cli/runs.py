@@ -38,12 +38,11 @@ def cmd_inspect(args) -> int:
     model = load_pretrained(AutoModel, args.model)
     sites = find_sites(model, args.point)
     total = sum(p.numel() for p in model.parameters())
-    mlp = sum(p.numel() for n, p in model.named_parameters()
-              if any(n.startswith(f"{s.first}.") or (s.down and n.startswith(f"{s.down}.")) or
-                     (s.mult and n.startswith(f"{s.mult}.")) for s in sites))
+    parts = tuple(f"{path}." for s in sites for path in s.parts)  # first/up/down, or the experts module
+    mlp = sum(p.numel() for n, p in model.named_parameters() if n.startswith(parts))
     payload = {
         "model": args.model, "model_type": sites.model_type, "class": type(model).__name__,
-        "family_rule": sites.family, "point": sites.point, "gated": sites.gated,
+        "family_rule": sites.family, "point": sites.point, "gated": sites.gated, "experts": sites.experts,
         "parameters": {"total": total, "mlp": mlp},
         "sites": [s.to_dict() for s in sites],
     }
@@ -51,10 +50,12 @@ def cmd_inspect(args) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     print(f"model {args.model}: {type(model).__name__} (model_type {sites.model_type!r}), "
-          f"family rule: {sites.family}{' (gated MLP)' if sites.gated else ''}, site point: {sites.point}")
+          f"family rule: {sites.family}{' (gated MLP)' if sites.gated else ''}, site point: {sites.point}"
+          f"{f', mixture of experts: {sites.experts} routed experts per layer' if sites.experts else ''}")
     print(f"parameters: {total:,} total, {mlp:,} in MLP blocks ({100 * mlp / total:.1f}%)\n")
-    print(format_table(["stack", "layer", "site", "width", "activation"],
-                       [(s.stack, s.layer, s.module, s.width, s.activation) for s in sites]))
+    print(format_table(["stack", "layer", "site", "width", "gated", "experts", "activation"],
+                       [(s.stack, s.layer, s.module, s.width, "yes" if s.gated else "no", s.experts or "-",
+                         s.activation) for s in sites]))
     return 0
 
 

@@ -29,6 +29,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .experts import RoutedHooks
 from .layers import unwrap_model
 from .loss import site_term
 from .masks import align_mask, call_masks, labels_feed_decoder, mask_2d
@@ -78,7 +79,9 @@ class ActivationCapture:
             module = modules.get(site.module)
             if module is None:
                 raise KeyError(f"activation site {site.module!r} not found in the model")
-            if site.point == "act":
+            if site.routed:  # routed experts: rows are (token, expert) pairs (deft.core.experts)
+                self._handles.extend(RoutedHooks(self, index, modules[site.routed], module).handles)
+            elif site.point == "act":
                 self._handles.append(module.register_forward_hook(partial(self._on_output, index)))
             else:
                 self._handles.append(module.register_forward_pre_hook(partial(self._on_input, index)))
@@ -184,19 +187,7 @@ class ActivationCapture:
     def _record(self, index: int, act: torch.Tensor, source=None) -> None:
         site = self.sites.sites[index]
         act3, mask = align_mask(act, self._masks[site.stack], self._batch_size)
-        wants_loss = self.approx is not None and torch.is_grad_enabled() and act.requires_grad
-        if not self._claim(index):
-            # Recomputation under gradient checkpointing: redo the loss ops so the checkpoint sees
-            # the same saved tensors as in the forward (it checks), but count nothing.
-            if wants_loss:
-                site_term(act3, mask, self.approx, source)
-            return
-        if wants_loss:
-            self._terms[site.stack].append(site_term(act3, mask, self.approx, source))
-        if self.meter is not None:
-            if self.meter_rows is not None and self.meter_rows < mask.shape[0]:
-                mask = mask & (torch.arange(mask.shape[0], device=mask.device) < self.meter_rows).unsqueeze(1)
-            self.meter.update(self._meter_row.get(index, index), act3.detach(), mask)
+        self._add(index, act3, mask, source, self._claim(index))
 
     def _claim(self, index: int) -> bool:
         """Count the site's call; False when autograd runs a backward pass: the recomputation of
@@ -213,6 +204,29 @@ class ActivationCapture:
         layer_row = getattr(self.meter, "layer_row", None)  # per-layer meters; others count per module
         self._meter_row[index] = layer_row(index, call, position) if layer_row is not None else index
         return True
+
+    def _add(self, index: int, act3: torch.Tensor, mask: torch.Tensor, source=None, fresh: bool = True,
+             routed=None) -> None:
+        """Loss term and meter counts of one activation (B, T, h) with its real-token mask (B, T).
+        ``routed``: a routed-experts activation (1, S, w), :class:`deft.core.experts.Routed`."""
+        site = self.sites.sites[index]
+        wants_loss = self.approx is not None and torch.is_grad_enabled() and act3.requires_grad
+        if not fresh:
+            # Redo the loss ops so the checkpoint sees the same saved tensors as in the forward (it checks).
+            if wants_loss:
+                site_term(act3, mask, self.approx, source)
+            return
+        if wants_loss:
+            self._terms[site.stack].append(site_term(act3, mask, self.approx, source))
+        if self.meter is not None:
+            rows = routed.sequences.unsqueeze(0) if routed is not None else \
+                torch.arange(mask.shape[0], device=mask.device).unsqueeze(1)
+            if self.meter_rows is not None:
+                mask = mask & (rows.to(mask.device) < self.meter_rows)
+            if routed is not None and hasattr(self.meter, "update_routed"):
+                self.meter.update_routed(index, act3[0].detach(), mask[0], routed)
+            else:  # meters without a routed form take the (token, expert) rows as positions
+                self.meter.update(self._meter_row.get(index, index), act3.detach(), mask)
 
 
 def in_backward() -> bool:

@@ -12,8 +12,10 @@ tokens only:
   for a whole sequence.
 
 Model density is the mean over layers (as the paper averages across layers); per-stack
-numbers are means over that stack's layers. A module that serves several layers (ALBERT shares
-one MLP across all of them) is one row per layer: :meth:`DensityMeter.layer_row`.
+numbers are means over that stack's layers. A routed-experts site (mixture of experts) counts
+the (real token, expert) pairs the router chose, and reports each expert's density over the
+tokens routed to it (``experts`` in its per-layer row). A module that serves several layers
+(ALBERT shares one MLP across all of them) is one row per layer: :meth:`DensityMeter.layer_row`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class DensityMeter:
             raise ValueError(f"density threshold must be >= 0, got {self.threshold}")
         self.sites = tuple(self.sites)
         self.counts = [SiteCounts() for _ in self.sites]
+        self.expert_counts = self._no_expert_counts()  # routed sites: per expert
         self._union: dict[int, torch.Tensor] = {}  # per site: (B, width) bool, current sequences
         self._rows: dict[tuple[int, int], int] = {}  # (site, its n-th call in a model call) -> row
         self._positions: dict[int, int] = {}  # row -> place of its call among its stack's calls
@@ -75,8 +78,38 @@ class DensityMeter:
         n_tokens = int(mask.sum())
         c.tokens += n_tokens
         c.elements += n_tokens * width
-        seq_active = nz.any(dim=1)  # (B, h)
-        live = mask.any(dim=1)  # sequences with at least one real token in this pass
+        self._union_add(index, nz.any(dim=1), mask.any(dim=1))  # (B, h); sequences with a real token
+
+    @torch.no_grad()
+    def update_routed(self, index: int, act: torch.Tensor, real: torch.Tensor, routed) -> None:
+        """Add the rows ``act`` (S, w) of a routed-experts activation, ``real`` (S,) bool marking rows of
+        real tokens; ``routed`` (:class:`deft.core.experts.Routed`) gives each row's expert and sequence.
+        Elements are (real token, expert) pairs × w; union density is per (sequence, expert): an
+        expert's neurons active for at least one of the sequence's tokens routed to it."""
+        c = self.counts[index]
+        width = act.shape[-1]
+        nz = (act != 0) & real.unsqueeze(-1)
+        per_row = nz.sum(dim=-1)
+        c.nonzero += int(per_row.sum())
+        c.above += int(((act.abs() > self.threshold) & real.unsqueeze(-1)).sum())
+        c.tokens += routed.tokens
+        c.elements += int(real.sum()) * width
+        per_expert = self.expert_counts[index]
+        rows = real.nonzero().reshape(-1)
+        experts = routed.experts[rows]
+        pairs = torch.bincount(experts, minlength=routed.n_experts).tolist()
+        nonzero = torch.bincount(experts, weights=per_row[rows].double(), minlength=routed.n_experts).tolist()
+        for e, counts in enumerate(per_expert):
+            counts.tokens += pairs[e]
+            counts.elements += pairs[e] * width
+            counts.nonzero += int(nonzero[e])
+        groups = routed.sequences[rows] * routed.n_experts + experts
+        n_groups = routed.n_sequences * routed.n_experts
+        active = torch.zeros(n_groups, width, dtype=torch.int32, device=act.device)
+        active.index_add_(0, groups.to(act.device), nz[rows].to(torch.int32))
+        self._union_add(index, active > 0, torch.bincount(groups, minlength=n_groups) > 0)
+
+    def _union_add(self, index: int, seq_active: torch.Tensor, live: torch.Tensor) -> None:
         prev = self._union.get(index)
         if prev is not None and prev[0].shape == seq_active.shape:
             self._union[index] = (prev[0] | seq_active, prev[1] | live)
@@ -110,9 +143,16 @@ class DensityMeter:
         self.end_sequences()
         names = [f.name for f in fields(SiteCounts)]
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        totals = torch.tensor([[getattr(c, n) for n in names] for c in self.counts], dtype=torch.int64, device=device)
+        experts = [c for i in sorted(self.expert_counts) for c in self.expert_counts[i]]
+        totals = torch.tensor([[getattr(c, n) for n in names] for c in [*self.counts, *experts]],
+                              dtype=torch.int64, device=device)
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        self.counts = [SiteCounts(**dict(zip(names, map(int, row)))) for row in totals.tolist()]
+        rows = [SiteCounts(**dict(zip(names, map(int, row)))) for row in totals.tolist()]
+        self.counts, rest = rows[:len(self.counts)], iter(rows[len(self.counts):])
+        self.expert_counts = {i: [next(rest) for _ in self.expert_counts[i]] for i in sorted(self.expert_counts)}
+
+    def _no_expert_counts(self) -> dict[int, list[SiteCounts]]:
+        return {i: [SiteCounts() for _ in range(s.experts)] for i, s in enumerate(self.sites) if s.experts}
 
     def layer_row(self, index: int, call: int, position: int) -> int:
         """The row counting the ``call``-th call (from 0) of site ``index`` within one model call,
@@ -140,6 +180,7 @@ class DensityMeter:
 
     def reset(self) -> None:
         self.counts = [SiteCounts() for _ in self.sites]
+        self.expert_counts = self._no_expert_counts()
         self._union.clear()
 
     def result(self) -> "DensityReport":
@@ -154,6 +195,9 @@ class DensityMeter:
                 "union_density": _ratio(c.union_active, c.union_total),
                 "tokens": c.tokens,
             })
+            if site.experts:  # each routed expert over the (real) tokens routed to it
+                per_layer[-1]["experts"] = [{"density": _ratio(e.nonzero, e.elements), "tokens": e.tokens}
+                                            for e in self.expert_counts[i]]
         return DensityReport(per_layer=per_layer, threshold=self.threshold)
 
 

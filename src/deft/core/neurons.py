@@ -1,8 +1,8 @@
 """Removing MLP neurons: a smaller dense model with the same function where those neurons were 0.
 
-Neuron j of an MLP block is row j of the first projection (the gate and up rows of a gated MLP)
-and column j of the down projection. Removing it copies the kept rows / columns into smaller
-``nn.Linear`` (or GPT-2 ``Conv1D``) layers at the same module paths, found from the site table
+Neuron j of an MLP block is row j of the first projection (the gate and up rows of a gated MLP;
+rows j and width + j of a fused gate/up layer) and column j of the down projection. Removing it
+copies the kept rows / columns into smaller ``nn.Linear`` (or GPT-2 ``Conv1D``) layers at the same module paths, found from the site table
 (:func:`deft.core.sites.find_sites`): no kernel, no mask, any batch size. What the removed
 neurons contributed on average (``bias_delta``, one vector per block) is added to the down
 projection's bias — created if the layer had none and the delta is non-zero — so a neuron
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .layers import dense_layer, is_conv1d, set_module, unwrap_model, weight_out_in
-from .sites import ActivationSite, find_sites
+from .sites import ActivationSite, find_sites, require_dense
 
 __all__ = ["SHRINK_FILE", "SHRINK_WEIGHTS_FILE", "NeuronRemoval", "apply_removal", "check_removable",
            "mlp_parameters", "remove_neurons"]
@@ -58,9 +58,9 @@ def _plain_dense(base: nn.Module, path: str, role: str) -> nn.Module:
 
 
 def _roles(site: ActivationSite) -> list[tuple[str, str]]:
-    if site.first is None or site.down is None:
-        raise ValueError(f"site {site.module}: the generic fallback found no down projection; cannot remove neurons")
-    return [("first", site.first), *([("mult", site.mult)] if site.mult else []), ("down", site.down)]
+    require_dense(site, "removing neurons")
+    mult = [("mult", site.mult)] if site.mult and site.mult != site.first else []  # fused: one layer, both halves
+    return [("first", site.first), *mult, ("down", site.down)]
 
 
 def check_removable(model: nn.Module, paths=None) -> None:
@@ -114,6 +114,8 @@ def remove_neurons(model: nn.Module, keep: Mapping[str, torch.Tensor],
             index = indices.to(weight.device)
             bias = getattr(layer, "bias", None)
             bias = bias.data if bias is not None else None
+            if role == "first" and site.fused:  # neuron j is row j of each half
+                index = torch.cat([index, index + site.width])
             if role == "down":
                 weight = weight.index_select(1, index)
                 delta = bias_delta.pop(path, None)

@@ -1,7 +1,7 @@
 """Activation sites: where each model family computes its MLP activation.
 
 An *activation site* is the tensor A_l = σ(X W1) of one MLP block (METHOD.md §1). Support for
-a family is data — one :class:`FamilyRule` row in :data:`FAMILY_RULES` — plus a generic
+a family is data — rows of the family table (:mod:`deft.core.families`) — plus a generic
 fallback that finds the activation module of any other MLP block. Sites are found on the
 underlying ``transformers`` model, so a peft wrapper (LoRA, prefix, prompt, ...) changes
 nothing.
@@ -10,6 +10,15 @@ For gated MLPs (``σ(X Wg) ⊙ (X Wu)``) two points can be measured:
 
 * ``"act"`` (default, as the paper): the output of the activation module, σ(X Wg);
 * ``"product"``: the gated product, i.e. the input of the down projection.
+
+Three MLP shapes beyond "one dense layer per role":
+
+* **fused gate/up** (Phi-3, ModernBERT): ``first`` and ``mult`` are the two halves of one dense
+  layer (``fused`` names the layout); the site's width is half that layer's outputs;
+* **routed experts** (Mixtral, Qwen2-MoE): one site per layer at the experts' activation module,
+  measured over the (token, expert) pairs the router chose (:mod:`deft.core.experts`); the
+  experts' 3-D weights are no dense layers, so ``first``/``mult``/``down`` are None and the
+  operations that rewrite dense layers refuse such sites (:func:`require_dense`).
 """
 
 from __future__ import annotations
@@ -19,65 +28,15 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from .experts import expert_width, is_routed_experts
+from .families import FAMILY_RULES, FUSED_LAYOUTS, FamilyRule, supported_families
 from .layers import ActivationWrapper, in_features, out_features, unwrap_model
 
-__all__ = ["SITE_POINTS", "STACKS", "FAMILY_RULES", "FamilyRule", "ActivationSite", "SiteMap", "UnsupportedModelError",
-           "find_sites", "supported_families", "unwrap_model"]
+__all__ = ["SITE_POINTS", "STACKS", "FAMILY_RULES", "FUSED_LAYOUTS", "FamilyRule", "ActivationSite", "SiteMap",
+           "UnsupportedModelError", "find_sites", "require_dense", "supported_families", "unwrap_model"]
 
 SITE_POINTS = ("act", "product")
 STACKS = ("encoder", "decoder")
-
-
-@dataclass(frozen=True)
-class FamilyRule:
-    """Where one model family keeps its MLP, relative to a transformer layer.
-
-    ``layer`` is a regex for the layer's module path with a named group ``layer`` (its
-    index); ``act``/``first``/``mult``/``down`` are module paths relative to that layer.
-    ``first`` is the dense layer whose output feeds σ (the gate projection in a gated MLP),
-    ``mult`` the up projection multiplied with σ's output (gated MLPs only), ``down`` the
-    projection back to the model width.
-    """
-
-    family: str
-    model_types: tuple[str, ...]
-    layer: str
-    act: str
-    first: str
-    down: str
-    stack: str
-    mult: str | None = None
-
-
-_BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert")
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text")
-
-# Verified against transformers 5.23 module names (tests/test_sites.py builds each family).
-FAMILY_RULES: tuple[FamilyRule, ...] = (
-    FamilyRule("bert", _BERT_LIKE, r"encoder\.layer\.(?P<layer>\d+)",
-               "intermediate.intermediate_act_fn", "intermediate.dense", "output.dense", "encoder"),
-    FamilyRule("distilbert", ("distilbert",), r"transformer\.layer\.(?P<layer>\d+)",
-               "ffn.activation", "ffn.lin1", "ffn.lin2", "encoder"),
-    FamilyRule("t5", ("t5", "mt5", "umt5"), r"encoder\.block\.(?P<layer>\d+)\.layer\.1",
-               "DenseReluDense.act", "DenseReluDense.wi", "DenseReluDense.wo", "encoder"),
-    FamilyRule("t5", ("t5", "mt5", "umt5"), r"decoder\.block\.(?P<layer>\d+)\.layer\.2",
-               "DenseReluDense.act", "DenseReluDense.wi", "DenseReluDense.wo", "decoder"),
-    FamilyRule("t5-gated", ("t5", "mt5", "umt5"), r"encoder\.block\.(?P<layer>\d+)\.layer\.1",
-               "DenseReluDense.act", "DenseReluDense.wi_0", "DenseReluDense.wo", "encoder",
-               mult="DenseReluDense.wi_1"),
-    FamilyRule("t5-gated", ("t5", "mt5", "umt5"), r"decoder\.block\.(?P<layer>\d+)\.layer\.2",
-               "DenseReluDense.act", "DenseReluDense.wi_0", "DenseReluDense.wo", "decoder",
-               mult="DenseReluDense.wi_1"),
-    FamilyRule("gpt2", ("gpt2",), r"h\.(?P<layer>\d+)", "mlp.act", "mlp.c_fc", "mlp.c_proj", "decoder"),
-    # OPT flattens hidden states to (B·T, h) before its MLP; capture reshapes them back.
-    FamilyRule("opt", ("opt",), r"decoder\.layers\.(?P<layer>\d+)", "activation_fn", "fc1", "fc2", "decoder"),
-    FamilyRule("llama-gated", _LLAMA_LIKE, r"layers\.(?P<layer>\d+)", "mlp.act_fn", "mlp.gate_proj",
-               "mlp.down_proj", "decoder", mult="mlp.up_proj"),
-    FamilyRule("vit", ("vit",), r"layers\.(?P<layer>\d+)", "mlp.activation_fn", "mlp.fc1", "mlp.fc2", "encoder"),
-    # transformers < 5 named ViT like BERT.
-    FamilyRule("vit", ("vit",), r"encoder\.layer\.(?P<layer>\d+)",
-               "intermediate.intermediate_act_fn", "intermediate.dense", "output.dense", "encoder"),
-)
 
 
 @dataclass(frozen=True)
@@ -86,7 +45,10 @@ class ActivationSite:
 
     ``module`` is the path (in the unwrapped transformers model) of the module to hook:
     the activation module for ``point="act"`` (hook its output), the down projection for
-    ``point="product"`` (hook its input).
+    ``point="product"`` (hook its input). ``layer`` is the site's index in its stack, in
+    forward order. ``fused``: ``first`` is also ``mult``, its output halves laid out as
+    :data:`FUSED_LAYOUTS` says. ``experts``/``routed``: a routed-experts site — the number of
+    experts and the path of the module holding them.
     """
 
     module: str
@@ -99,9 +61,27 @@ class ActivationSite:
     first: str | None = None
     mult: str | None = None
     down: str | None = None
+    fused: str | None = None
+    experts: int = 0
+    routed: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def gated(self) -> bool:
+        return self.mult is not None or self.fused is not None
+
+    @property
+    def first_width(self) -> int:
+        """Outputs of the ``first`` dense layer: twice the width when it holds both halves."""
+        return 2 * self.width if self.fused else self.width
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Paths of the modules holding the block's weights (the experts module for routed experts)."""
+        paths = (self.routed,) if self.routed else (self.first, self.mult, self.down)
+        return tuple(dict.fromkeys(p for p in paths if p))
 
 
 @dataclass(frozen=True)
@@ -128,15 +108,26 @@ class SiteMap:
 
     @property
     def gated(self) -> bool:
-        return any(s.mult is not None for s in self.sites)
+        return any(s.gated for s in self.sites)
+
+    @property
+    def experts(self) -> int:
+        """Routed experts per mixture-of-experts layer (0: no such layer)."""
+        return max((s.experts for s in self.sites), default=0)
 
 
 class UnsupportedModelError(ValueError):
-    """No MLP activation site could be found."""
+    """No MLP activation site could be found, or an operation cannot handle the sites found."""
 
 
-def supported_families() -> list[str]:
-    return sorted({f"{r.family} ({', '.join(r.model_types)})" for r in FAMILY_RULES})
+def require_dense(site: ActivationSite, operation: str) -> None:
+    """UnsupportedModelError unless the site's block is dense layers ``operation`` can rewrite."""
+    if site.routed:
+        raise UnsupportedModelError(f"{operation} is not supported for mixture-of-experts layers ({site.module}: "
+                                    f"{site.experts} routed experts held as 3-D weights, not dense layers)")
+    if site.first is None or site.down is None:
+        raise UnsupportedModelError(f"{operation} needs the MLP's dense layers; for {site.module} the generic "
+                                    f"discovery found no {'first' if site.first is None else 'down'} projection")
 
 
 def find_sites(model: nn.Module, point: str = "act") -> SiteMap:
@@ -152,16 +143,31 @@ def find_sites(model: nn.Module, point: str = "act") -> SiteMap:
         sites = _apply_rules([r for r in FAMILY_RULES if r.family == rule.family and model_type in r.model_types],
                              modules, point)
         if sites:
-            return SiteMap(tuple(sites), rule.family, model_type, point)
+            return SiteMap(tuple(_check_point(sites, point)), rule.family, model_type, point)
+    # Experts as 3-D weights, or as a list of per-expert MLPs (each sees only its routed tokens).
+    routed = [n for n, m in modules.items() if is_routed_experts(m) or re.search(r"(^|\.)experts\.\d+$", n)]
+    if routed:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} has mixture-of-experts layers ({routed[0]}, ...) that deft does not know yet: "
+            "measuring its other MLPs alone would misreport the model's density. Known mixture-of-experts "
+            f"families: {'; '.join(f for f in supported_families() if 'moe' in f)}")
     sites = _generic_sites(base, modules, point)
     if sites:
-        return SiteMap(tuple(sites), "generic", model_type, point)
+        return SiteMap(tuple(_check_point(sites, point)), "generic", model_type, point)
     raise UnsupportedModelError(
         f"no MLP activation site found in model type {model_type!r} ({type(base).__name__}). "
         f"Supported families: {'; '.join(supported_families())}. The generic fallback looks for an "
-        "activation module (GELU/ReLU/SiLU/... from torch or transformers) next to a dense layer "
-        "inside numbered transformer layers and found none."
+        "activation module (GELU/ReLU/SiLU/... by class, or a parameter-free module named like one) next to a "
+        "dense layer inside numbered transformer layers and found none."
     )
+
+
+def _check_point(sites: list[ActivationSite], point: str) -> list[ActivationSite]:
+    routed = [s for s in sites if s.routed]
+    if point == "product" and routed:
+        raise UnsupportedModelError(f"site point 'product' is not available for routed experts ({routed[0].module}): "
+                                    "their gated product is computed inside the experts module; measure point 'act'")
+    return sites
 
 
 def _apply_rules(rules: list[FamilyRule], modules: dict[str, nn.Module], point: str) -> list[ActivationSite]:
@@ -173,31 +179,56 @@ def _apply_rules(rules: list[FamilyRule], modules: dict[str, nn.Module], point: 
             if not m:
                 continue
             layer_path = name[: len(name) - len(rule.act) - 1]
-            first, down = f"{layer_path}.{rule.first}", f"{layer_path}.{rule.down}"
-            mult = f"{layer_path}.{rule.mult}" if rule.mult else None
+            path = {role: f"{layer_path}.{getattr(rule, role)}" if getattr(rule, role) else None
+                    for role in ("first", "mult", "down", "routed")}
             # A rule applies only where all its modules exist (T5 plain vs gated share paths).
-            if first not in modules or down not in modules or (mult and mult not in modules):
+            if any(p is not None and p not in modules for p in path.values()):
                 continue
+            if path["routed"] is not None:
+                experts = modules[path["routed"]]
+                if not is_routed_experts(experts):
+                    continue
+                width, count, fused = expert_width(experts), experts.num_experts, _experts_layout(experts)
+            else:
+                width, count, fused = out_features(modules[path["first"]]) // (2 if rule.fused else 1), 0, rule.fused
             sites.append(ActivationSite(
-                module=name if point == "act" else down, point=point, stack=rule.stack,
-                layer=int(m.group("layer")), width=out_features(modules[first]), activation=type(mod).__name__,
-                family=rule.family, first=first, mult=mult, down=down))
+                module=name if point == "act" else path["down"], point=point, stack=rule.stack,
+                layer=int(m.group("layer")), width=width, activation=type(mod).__name__, family=rule.family,
+                first=path["first"], mult=path["mult"], down=path["down"], fused=fused, experts=count,
+                routed=path["routed"]))
     return _ordered(sites)
+
+
+def _experts_layout(experts: nn.Module) -> str | None:
+    """Routed experts' gate/up layout: transformers' concatenated [gate; up] is "gate-up"; None
+    for experts without a gate (or an interleaved layout, not in :data:`FUSED_LAYOUTS`)."""
+    gated = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
+    return "gate-up" if gated and getattr(experts, "is_concatenated", True) else None
 
 
 def _ordered(sites: list[ActivationSite]) -> list[ActivationSite]:
     order = {s: i for i, s in enumerate(STACKS)}
-    return sorted(sites, key=lambda s: (order[s.stack], s.layer))
+    return sorted(sites, key=lambda s: (order[s.stack], s.layer, s.routed is None))
+
+
+_TORCH_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU)
+# A parameter-free leaf module named like an activation is one (BLOOM's BloomGelu, model-file
+# classes); attention's softmax and plain pass-throughs are not.
+_ACTIVATION_NAME = re.compile(r"gelu|relu|silu|swish|mish|activation|act(fn)?$|^act", re.IGNORECASE)
+_NOT_ACTIVATION_NAME = re.compile(r"softmax|identity|dropout|norm|linear|attention|attn", re.IGNORECASE)
 
 
 def _is_activation(mod: nn.Module) -> bool:
-    torch_acts = (nn.ReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU)
-    if isinstance(mod, torch_acts):
+    if isinstance(mod, _TORCH_ACTIVATIONS):
         return True
     if isinstance(mod, ActivationWrapper):  # e.g. ADA-DEFT's α·σ / skipped-block stand-ins
         return True
     # transformers' own activation classes (GELUActivation, NewGELUActivation, ...) live here.
-    return type(mod).__module__ == "transformers.activations" and type(mod).__name__ not in ("LinearActivation",)
+    if type(mod).__module__ == "transformers.activations":
+        return type(mod).__name__ not in ("LinearActivation",)
+    name = type(mod).__name__
+    return (_ACTIVATION_NAME.search(name) is not None and _NOT_ACTIVATION_NAME.search(name) is None
+            and not any(True for _ in mod.parameters()) and not any(True for _ in mod.children()))
 
 
 def _dense_under(path: str, modules: dict[str, nn.Module], depth: int) -> list[tuple[str, nn.Module]]:
@@ -214,19 +245,50 @@ def _dense_under(path: str, modules: dict[str, nn.Module], depth: int) -> list[t
     return found
 
 
+def decoder_only(base: nn.Module) -> bool:
+    """Whether ``base`` is a decoder-only (causal) model, whatever head it carries: it generates,
+    its config says so, its checkpoint was a causal LM, or its model type has a causal-LM class
+    and no masked-LM one (BERT-likes have both)."""
+    config = getattr(base, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False) or (callable(getattr(base, "can_generate", None)) and base.can_generate()):
+        return True
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or ()):
+        return True
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _first_and_down(siblings, outer) -> tuple[str | None, str | None, str | None]:
+    """(first, down, fused layout) among the activation's dense siblings (``outer``: BERT-style
+    layers one level up). A block maps h → w → h: first's outputs are down's inputs and the
+    other way round (so a down projection wider than the MLP is not taken for the first);
+    a first with twice down's inputs holds fused gate/up halves. Else: the widest sibling."""
+    for fused in (None, "gate-up"):
+        for first_name, first in siblings:
+            w = out_features(first) // (2 if fused else 1)
+            for down_name, down in siblings + outer:
+                if down_name != first_name and in_features(down) == w and out_features(down) == in_features(first) \
+                        and (not fused or out_features(first) == 2 * w):
+                    return first_name, down_name, fused
+    first_name, first = max(siblings, key=lambda nc: out_features(nc[1]))
+    down = next((n for n, c in siblings + outer if n != first_name and in_features(c) == out_features(first)), None)
+    return first_name, down, None
+
+
 def _generic_sites(base: nn.Module, modules: dict[str, nn.Module], point: str) -> list[ActivationSite]:
     """Activation modules inside numbered layers that sit next to a dense layer.
 
-    The first dense layer is the widest dense sibling of the activation; the down projection
-    is the dense layer (a sibling, or BERT-style in a sibling of the parent) whose input width
-    equals it. Stack comes from the path ("encoder"/"decoder"), else from whether the model
-    generates text.
+    First and down projections: :func:`_first_and_down`. Stack comes from the path
+    ("encoder"/"decoder"), else from whether the model is decoder-only. Layers are numbered in
+    forward order within each stack (Swin's stages restart their block numbers).
     """
-    config = getattr(base, "config", None)
-    decoder_only = bool(getattr(config, "is_decoder", False)) or (
-        callable(getattr(base, "can_generate", None)) and base.can_generate()
-        and not getattr(config, "is_encoder_decoder", False))
-    sites = []
+    decoder = decoder_only(base)
+    found = []
     for name, mod in modules.items():
         if not _is_activation(mod) or not re.search(r"\.\d+\.", f".{name}."):
             continue
@@ -236,18 +298,22 @@ def _generic_sites(base: nn.Module, modules: dict[str, nn.Module], point: str) -
         siblings = _dense_under(parent, modules, depth=1)
         if not siblings:
             continue
-        first_name, first = max(siblings, key=lambda nc: out_features(nc[1]))
-        width = out_features(first)
-        grandparent = parent.rpartition(".")[0]
-        down = next((n for n, c in siblings + _dense_under(grandparent, modules, depth=2)
-                     if n != first_name and in_features(c) == width), None)
+        outer = _dense_under(parent.rpartition(".")[0], modules, depth=2)
+        first, down, fused = _first_and_down(siblings, outer)
         if point == "product" and down is None:
             continue
         path = f".{name}."
         stack = "decoder" if ".decoder." in path else "encoder" if ".encoder." in path else (
-            "decoder" if decoder_only else "encoder")
-        sites.append(ActivationSite(
-            module=name if point == "act" else down, point=point, stack=stack,
-            layer=int(re.findall(r"\.(\d+)(?=\.)", path)[-1]), width=width,
-            activation=type(mod).__name__, family="generic", first=first_name, down=down))
+            "decoder" if decoder else "encoder")
+        numbers = tuple(int(n) for n in re.findall(r"\.(\d+)(?=\.)", path))
+        width = out_features(modules[first]) // (2 if fused else 1)
+        found.append((stack, numbers, ActivationSite(
+            module=name if point == "act" else down, point=point, stack=stack, layer=0, width=width,
+            activation=type(mod).__name__, family="generic", first=first,
+            mult=first if fused else None, down=down, fused=fused)))
+    found.sort(key=lambda f: (f[0], f[1]))
+    sites, seen = [], {}
+    for stack, _, site in found:
+        seen[stack] = seen.get(stack, -1) + 1
+        sites.append(ActivationSite(**{**site.to_dict(), "layer": seen[stack]}))
     return _ordered(sites)

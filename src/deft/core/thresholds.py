@@ -166,6 +166,13 @@ class MagnitudeSampler:
         if index == 0:
             self.tokens += int(mask.sum())
 
+    @torch.no_grad()
+    def update_routed(self, index: int, act: torch.Tensor, real: torch.Tensor, routed) -> None:
+        """Routed experts' rows (S, w): magnitudes of the real (token, expert) pairs; tokens, not pairs, counted."""
+        self.values[index].append((act[real].abs().float().reshape(-1) / self.scale[index]).cpu())
+        if index == 0:
+            self.tokens += routed.tokens
+
     def end_sequences(self) -> None:  # the capture's meter protocol; nothing per sequence here
         pass
 

@@ -37,7 +37,15 @@ PEFT_EXPORT_DIR = "peft"
 
 
 def _fold_alpha(base: nn.Module, site: ActivationSite, alpha: float) -> None:
-    """α into the down projection's weight: down(α·z) = (α·W) z + b (for gated MLPs too)."""
+    """α into the down projection's weight: down(α·z) = (α·W) z + b (for gated MLPs too; for
+    routed experts into every expert's 3-D down weight)."""
+    if site.routed:
+        weight = getattr(base.get_submodule(site.routed), "down_proj", None)
+        if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
+            raise AdaptiveError(f"cannot fold α into the experts of {site.routed}: their down weights are not float")
+        with torch.no_grad():
+            weight.mul_(alpha)
+        return
     down = base.get_submodule(site.down)
     target = down.base_layer if isinstance(down, BottleneckAdapter) else down
     weight = getattr(target, "weight", None)
@@ -197,8 +205,8 @@ def _build_reduced(model: nn.Module, info: dict) -> None:
             raise AdaptiveError(f"exported skipped block {site.module} is not a site of {type(model).__name__}")
         down = model.get_submodule(site.down)
         dtype = float_dtype(down)
-        set_module(model, site.first, ZeroProjection(0, site.width, dtype))
-        if site.mult:
+        set_module(model, site.first, ZeroProjection(0, site.first_width, dtype))  # both halves if fused
+        if site.mult and site.mult != site.first:
             set_module(model, site.mult, ZeroProjection(0, site.width, dtype))
         set_module(model, site.module, SkippedActivation(model.get_submodule(site.module)))
         set_module(model, site.down, ConstantProjection(torch.zeros(out_features(down), dtype=dtype), site.width))

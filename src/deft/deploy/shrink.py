@@ -27,7 +27,7 @@ from ..core.batches import call_model, model_device, move_batch
 from ..core.capture import ActivationCapture
 from ..core.layers import unwrap_model, weight_out_in
 from ..core.neurons import NeuronRemoval, apply_removal, check_removable, mlp_parameters
-from ..core.sites import SiteMap, find_sites
+from ..core.sites import SiteMap, find_sites, require_dense
 from ..methods import merge_peft
 from ..tasks.runners.glue import GlueRunner, without_labels
 from ..training import RunDir, TrainConfig, load_run, task_runner
@@ -65,9 +65,8 @@ class NeuronActivity:
 def down_input_sites(model: nn.Module) -> SiteMap:
     """The "act" site table with every site hooked at its down projection's input."""
     sites = find_sites(model, "act")
-    missing = [s.module for s in sites if s.down is None]
-    if missing:
-        raise ValueError(f"no down projection found for {missing[:3]}: cannot remove neurons")
+    for site in sites:
+        require_dense(site, "removing neurons")
     return SiteMap(tuple(replace(s, module=s.down, point="product") for s in sites), sites.family, sites.model_type,
                    "product")
 

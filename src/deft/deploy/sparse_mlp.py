@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.layers import dense_layer, is_conv1d, set_module, unwrap_model, weight_out_in
-from ..core.sites import find_sites
+from ..core.sites import UnsupportedModelError, find_sites, require_dense
 from ..core.thresholds import Thresholds, ThresholdedActivation
 from . import sparse_kernel
 
@@ -206,8 +206,10 @@ def sparsify_mlps(model: nn.Module, thresholds_or_tau: Thresholds | Mapping[str,
     taus = _site_taus(thresholds_or_tau, sites)
     replacements = []
     for site in sites:
-        if site.first is None or site.down is None:
-            raise ValueError(f"site {site.module}: its first/down layers are unknown (family {site.family})")
+        require_dense(site, "the sparse MLP kernel")
+        if site.fused:
+            raise UnsupportedModelError(f"the sparse MLP kernel needs separate gate and up layers; {site.first} holds "
+                                        "both as halves of one fused layer")
         block_path = site.first.rpartition(".")[0]
         names = {role: _relative(block_path, path, role, site)
                  for role, path in (("first", site.first), ("down", site.down), ("mult", site.mult),

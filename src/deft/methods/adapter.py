@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ..core.layers import in_features, out_features
 from ..core.sites import find_sites, unwrap_model
-from .base import MethodConfig, PeftMethod, register_method, task_head_names
+from .base import MethodConfig, PeftMethod, UnsupportedCombinationError, register_method, task_head_names
 
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 WEIGHTS_FILE = "bottleneck_adapters.safetensors"
@@ -117,6 +117,10 @@ def add_adapters(model: nn.Module, config: AdapterMethodConfig) -> dict[str, Bot
     """Wrap the down projection of every activation site of ``model`` in a new adapter."""
     base = unwrap_model(model)
     sites = find_sites(base)
+    routed = [s.module for s in sites if s.routed]
+    if routed:
+        raise UnsupportedCombinationError(f"bottleneck adapters wrap an MLP's down projection; the routed experts at "
+                                          f"{routed[0]} have none (3-D expert weights): use LoRA, prefix or prompt tuning")
     missing = [s.module for s in sites if not s.down]
     if missing:
         raise ValueError(f"no down projection found for activation site(s) {missing}; cannot place adapters")

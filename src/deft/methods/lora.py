@@ -5,8 +5,10 @@ name for the families of :mod:`deft.core.sites` (peft's own default table lacks 
 e.g. DistilBERT and transformers-5 ViT). ``include_mlp=True`` adds the first dense layer of
 every MLP block (``site.first`` of :func:`deft.core.sites.find_sites`), named by its *full* path:
 its last path component alone is ambiguous (BERT's ``dense`` would also match the attention
-output, the MLP down projection and the pooler). The task head is trained through peft's
-``modules_to_save``.
+output, the MLP down projection and the pooler); a fused gate/up layer (Phi-3, ModernBERT) is
+adapted whole. Routed experts (mixture of experts) hold 3-D weights, not dense layers: they are
+not targeted (the density loss still trains the layers before them). The task head is trained
+through peft's ``modules_to_save``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ ATTENTION_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",),  # fused q/k/v projection (GPT-2's Conv1D)
     "opt": ("q_proj", "v_proj"),
     "llama-gated": ("q_proj", "v_proj"),
+    "phi3-fused": ("qkv_proj",),  # fused q/k/v projection
+    "modernbert-fused": ("Wqkv",),  # fused q/k/v projection
+    "mixtral-moe": ("q_proj", "v_proj"),
+    "qwen2-moe": ("q_proj", "v_proj"),
     "vit": ("q_proj", "v_proj"),  # transformers < 5: query/value, found by the fallback below
 }
 # Tried in order when the family's names are absent (other versions, generic families).
 FALLBACK_TARGETS: tuple[tuple[str, ...], ...] = (
     ("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("q", "v"), ("c_attn",),
+    ("query_key_value",), ("qkv_proj",), ("Wqkv",),  # fused q/k/v: BLOOM / GPT-NeoX / Falcon, Phi-3, ModernBERT
 )
 
 
