@@ -5,6 +5,8 @@ compared with plain forward hooks recording every call of the shared modules."""
 
 from functools import partial
 
+import json
+
 import pytest
 import torch
 import transformers as T
@@ -124,3 +126,23 @@ def test_shared_mlp_under_gradient_checkpointing_counts_each_layer_once(reentran
         loss.backward()
     assert dict(cap.calls) == {0: 3} and dict(cap.recomputed) == {0: 3}
     assert [r["tokens"] for r in meter.result().per_layer] == [n_real] * 3
+
+
+@pytest.mark.parametrize("layers,groups,want", [(3, 1, ["0-2"]), (4, 2, ["0-1", "2-3"])])
+def test_inspect_says_which_layers_a_shared_module_serves(layers, groups, want, tmp_path, capsys):
+    # The layers each ALBERT group serves, from its config: group g runs layers_per_group times.
+    import transformers as T
+
+    from deft.cli import main
+
+    config = T.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=layers,
+                            num_hidden_groups=groups, num_attention_heads=2, intermediate_size=64)
+    T.AlbertModel(config).save_pretrained(tmp_path / "albert")
+    assert main(["inspect", "--model", str(tmp_path / "albert"), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert [s["calls_per_forward"] for s in payload["sites"]] == [layers // groups] * groups
+    assert main(["inspect", "--model", str(tmp_path / "albert")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "albert_layer_groups" in line]
+    assert [line.split()[1] for line in rows] == want
+    assert "shared weights" in out

@@ -32,11 +32,13 @@ def finished_run(path):
 def cmd_inspect(args) -> int:
     from transformers import AutoModel
 
+    from ..core.capture import site_calls
     from ..core.sites import find_sites
     from ..io.models import load_pretrained
 
     model = load_pretrained(AutoModel, args.model)
     sites = find_sites(model, args.point)
+    calls = site_calls(model, sites)  # >1: one module shared by several layers (ALBERT)
     total = sum(p.numel() for p in model.parameters())
     parts = tuple(f"{path}." for s in sites for path in s.parts)  # first/up/down, or the experts module
     mlp = sum(p.numel() for n, p in model.named_parameters() if n.startswith(parts))
@@ -44,7 +46,7 @@ def cmd_inspect(args) -> int:
         "model": args.model, "model_type": sites.model_type, "class": type(model).__name__,
         "family_rule": sites.family, "point": sites.point, "gated": sites.gated, "experts": sites.experts,
         "parameters": {"total": total, "mlp": mlp},
-        "sites": [s.to_dict() for s in sites],
+        "sites": [{**s.to_dict(), "calls_per_forward": calls[i] if calls else None} for i, s in enumerate(sites)],
     }
     if args.json:
         print(json.dumps(payload, indent=2))
@@ -54,9 +56,25 @@ def cmd_inspect(args) -> int:
           f"{f', mixture of experts: {sites.experts} routed experts per layer' if sites.experts else ''}")
     print(f"parameters: {total:,} total, {mlp:,} in MLP blocks ({100 * mlp / total:.1f}%)\n")
     print(format_table(["stack", "layer", "site", "width", "gated", "experts", "activation"],
-                       [(s.stack, s.layer, s.module, s.width, "yes" if s.gated else "no", s.experts or "-",
-                         s.activation) for s in sites]))
+                       [(s.stack, layer, s.module, s.width, "yes" if s.gated else "no", s.experts or "-", s.activation)
+                        for s, layer in zip(sites, _layer_labels(sites, calls))]))
+    if calls and any(c > 1 for c in calls):
+        print("\nlayers a-b: one MLP module runs as several layers (shared weights); density and the loss count "
+              "every call as its own layer")
     return 0
+
+
+def _layer_labels(sites, calls: list[int] | None) -> list[str]:
+    """Each site's layer; where a stack has a module that runs several times per forward (shared
+    weights), the range of layers it serves, counted in forward order."""
+    if not calls or all(c <= 1 for c in calls):
+        return [str(s.layer) for s in sites]
+    labels, seen = [], {}
+    for s, c in zip(sites, calls):
+        first = seen.get(s.stack, 0)
+        seen[s.stack] = first + max(c, 1)
+        labels.append(str(first) if c <= 1 else f"{first}-{first + c - 1}")
+    return labels
 
 
 # -- density ---------------------------------------------------------------------------------

@@ -234,3 +234,39 @@ def in_backward() -> bool:
     gradient checkpointing recomputing a layer (reentrant or not); grad mode cannot tell: the
     recomputation runs with gradients on, as a training forward does."""
     return torch._C._current_graph_task_id() != -1
+
+
+@torch.no_grad()
+def site_calls(model: nn.Module, sites: SiteMap | None = None) -> list[int] | None:
+    """How many times each site's module runs in one forward pass (ALBERT's one MLP module serves
+    every layer), from a dry run on a few dummy tokens (or one blank image); None when the model
+    takes neither."""
+    base = unwrap_model(model)
+    sites = sites if sites is not None else find_sites(model)
+    config = base.config
+    name = getattr(base, "main_input_name", "input_ids")
+    if name == "input_ids":
+        ids = torch.arange(1, 5).clamp(max=max(1, getattr(config, "vocab_size", 5) - 1)).unsqueeze(0)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids[:, :2]
+    elif name == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        inputs = {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size)}
+    else:
+        return None
+    counts = [0] * len(sites)
+    modules = dict(base.named_modules())
+    handles = [modules[s.module].register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+               for i, s in enumerate(sites)]
+    device = next(base.parameters()).device
+    was_training = base.training
+    base.eval()
+    try:
+        base(**{k: v.to(device) for k, v in inputs.items()})
+    finally:
+        base.train(was_training)
+        for h in handles:
+            h.remove()
+    return counts
