@@ -261,3 +261,44 @@ def test_a_finished_cached_build_loads_without_a_compiler(compiled, tmp_path, mo
     x, a, wd_t = torch.randn(8), torch.randn(16), torch.randn(16, 8)
     assert torch.allclose(module.forward(x, a, 0.5, wd_t, None, None, None, 1),
                           sparse_kernel.sparse_mlp_fallback(x, a, 0.5, wd_t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_thresholded_decoder_export_loads_with_sparse_mlps(family, tmp_path):
+    # The export/load path swaps the kernel in for a thresholded decoder; its greedy tokens are the
+    # thresholded dense model's (the model before export).
+    from deft.deploy import export_model, load_exported
+
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    dense = make_model(family)
+    apply_thresholds(dense, Thresholds(taus=calibrated_taus(dense, ids), mode="tau"))
+    export_model(dense, tmp_path / "export", None)
+    loaded = load_exported(tmp_path / "export")
+    assert sum(isinstance(m, SparseMLP) for m in loaded.modules()) == N_LAYERS
+    assert sum(isinstance(m, SparseMLP) for m in load_exported(tmp_path / "export", sparse_mlp=False).modules()) == 0
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                  pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(ids, **kwargs), dense.generate(ids, **kwargs))
+
+
+def test_encoders_and_unthresholded_exports_stay_dense(tmp_path, capsys):
+    from deft.deploy import export_model, load_exported
+
+    plain = make_model("llama")
+    export_model(plain, tmp_path / "plain", None)
+    assert not any(isinstance(m, SparseMLP) for m in load_exported(tmp_path / "plain").modules())
+    with pytest.raises(ValueError, match="no thresholds"):
+        load_exported(tmp_path / "plain", sparse_mlp=True)
+    encoder = make_model("bert")
+    apply_thresholds(encoder, Thresholds(taus={s.module: 0.05 for s in find_sites(encoder, "act")}, mode="tau"))
+    export_model(encoder, tmp_path / "bert", None)
+    assert not any(isinstance(m, SparseMLP) for m in load_exported(tmp_path / "bert").modules())
+    # a decoder whose MLP is not one block (OPT): the dense path, with a one-line notice
+    opt = make_model("opt")
+    apply_thresholds(opt, Thresholds(taus={s.module: 0.05 for s in find_sites(opt, "act")}, mode="tau"))
+    export_model(opt, tmp_path / "opt", None)
+    capsys.readouterr()
+    assert not any(isinstance(m, SparseMLP) for m in load_exported(tmp_path / "opt").modules())
+    err = capsys.readouterr().err
+    assert "dense path" in err and len(err.strip().splitlines()) == 1

@@ -41,8 +41,11 @@ def cmd_load(args) -> int:
 
     info = read_export_info(args.export)
     model = load_exported(args.export)
+    from ..deploy import SparseMLP
+
     payload = {"dir": str(args.export), "class": type(model).__name__, "method": info["method"],
                "skipped": [s["module"] for s in info["skipped"]],
+               "sparse_mlp_blocks": sum(isinstance(m, SparseMLP) for m in model.modules()),
                "parameters": sum(p.numel() for p in model.parameters()), "param_bytes": model_bytes(model)}
     print(json.dumps(payload, indent=2))
     return 0

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -219,12 +220,17 @@ def _build_reduced(model: nn.Module, info: dict) -> None:
                                                                 cfg["reduction_factor"], cfg["non_linearity"]))
 
 
-def load_exported(directory: str | Path) -> nn.Module:
+def load_exported(directory: str | Path, sparse_mlp: bool | None = None) -> nn.Module:
     """Load a directory written by :func:`export_run` (``deft export``), in eval mode.
 
     Plain exports go through ``from_pretrained``; reduced ones through a subclass of the
     architecture whose constructor builds the reduced structure, so ``from_pretrained`` loads
     only the weights that remain. Prefix / prompt exports are wrapped with their peft modules.
+
+    ``sparse_mlp``: swap the MLP blocks of a thresholded export for :class:`SparseMLP` (the fused
+    kernel for batch-1 decoding; prefill and batches take the dense path, the same math). None
+    (default): for thresholded decoder-only models, where every block is covered — otherwise the
+    dense path with a one-line notice; True: required (ValueError if it cannot be done); False: never.
     """
     import transformers
 
@@ -253,4 +259,26 @@ def load_exported(directory: str | Path) -> nn.Module:
                                            point=th["point"]))
     model.requires_grad_(False)
     model.eval()
+    _swap_sparse_mlps(model, info, sparse_mlp)
     return model
+
+
+def _swap_sparse_mlps(model: nn.Module, info: dict, wanted: bool | None) -> None:
+    from .sparse_mlp import sparsify_mlps
+
+    if wanted is False:
+        return
+    config = getattr(unwrap_model(model), "config", None)
+    decoder_only = callable(getattr(model, "can_generate", None)) and model.can_generate() and \
+        not getattr(config, "is_encoder_decoder", False)
+    if wanted is None and not (info.get("thresholds") and decoder_only):
+        return
+    if wanted and not info.get("thresholds"):
+        raise ValueError("this export has no thresholds: a sparse MLP would skip only exact zeros "
+                         "(deft sparsify the run, then export it)")
+    try:
+        sparsify_mlps(model)
+    except ValueError as error:
+        if wanted:
+            raise
+        print(f"deft: sparse MLP kernel not used, dense path instead: {error}", file=sys.stderr)
