@@ -49,6 +49,17 @@ def test_head_with_another_label_count_on_the_command_line(three_label_checkpoin
     assert not out.exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_training_on_a_head_with_another_label_count(three_label_checkpoint, shared_data, tmp_path, capsys, method):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "sst2", "--method", method, "--model", three_label_checkpoint, "--tokenizer",
+                 "minilm", "--max-train-samples", "8", "--max-eval-samples", "8", "--max-steps", "1",
+                 "--data-dir", str(shared_data), "--output", str(out)]) == 2
+    line = _one_line_error(capsys)
+    assert "3 labels" in line and "the task has 2" in line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("content", ["empty", "no config"])
 def test_directory_without_a_model(tmp_path, capsys, content):
     model_dir = tmp_path / "model"

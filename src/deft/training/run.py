@@ -21,7 +21,7 @@ from torch import nn
 from ..adaptive import AdaptiveConfig, apply_adaptive, checkpoint_callback, frozen_alphas, load_adaptive
 from ..core.relufication import relufy
 from ..core.sites import find_sites
-from ..io.models import ensure_pad_token, load_tokenizer, resolve_model_path
+from ..io.models import ensure_pad_token, load_tokenizer, model_load_errors, resolve_model_path
 from ..methods import get_method, trainable_parameters
 from ..tasks.runners import TaskRunner, runner_for
 from .config import TrainConfig
@@ -50,9 +50,11 @@ def build_model(config: TrainConfig, tokenizer, runner: TaskRunner):
     method_config = method.resolve_config(config.method_options or None)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a base checkpoint's task head is new by design; no load report
+    source = resolve_model_path(config.model)
+    kwargs = runner.model_kwargs()
     try:
-        model = method.load_base(resolve_model_path(config.model), runner.auto_class(), method_config,
-                                 **runner.model_kwargs())
+        with model_load_errors(config.model, source, kwargs.get("num_labels")):  # e.g. a head for other labels
+            model = method.load_base(source, runner.auto_class(), method_config, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     ensure_pad_token(model, tokenizer)
@@ -88,14 +90,13 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     if len(train_set) == 0 or len(dev_set) == 0:
         raise ValueError(f"no {'training' if len(train_set) == 0 else 'evaluation'} examples for task {task.name} "
                          f"(data dir {config.data_dir or 'the hub'}): the file holds a header only?")
+    set_seed(config.seed)
+    method, method_config, model = build_model(config, tokenizer, runner)  # may fail: nothing written yet
     if overwrite and not resume and run.checkpoints.is_dir() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(run.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         run.write_json(RunDir.CONFIG, config.to_dict())
-
-    set_seed(config.seed)
-    method, method_config, model = build_model(config, tokenizer, runner)
     model = method.apply(model, method_config, task_type=runner.task_type)
     sites = find_sites(model, config.site_point)
     # α after the method: peft freezes every parameter that exists when it wraps the model.
