@@ -24,7 +24,7 @@ import torch
 from deft.analysis.energy import EnergyConfig, estimate_energy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import build, make_inputs, make_model  # noqa: E402
+from conftest import build, make_inputs, make_model, saved_base  # noqa: E402
 
 PINNED = Path(__file__).with_name("energy_pinned.json")
 FIELDS = ("params", "params_nz", "inputs", "inputs_nz", "outputs", "outputs_nz", "macs", "macs_nz", "ops", "ops_nz")
@@ -52,6 +52,12 @@ CASES = {
 def _model(family: str, method: str | None):
     if method is None:
         return make_model(family)
+    if method == "qlora":
+        # QLoRA loads its base from conftest's saved_base, which builds (and seeds) the base model
+        # only the first time in a session: make the global RNG the same whether or not an earlier
+        # test already built it (the pinned values are those of a first build).
+        saved_base(family)
+        make_model(family)
     return build(family, method, trained=True)[0]
 
 
