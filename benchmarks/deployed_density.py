@@ -27,13 +27,20 @@ from dataclasses import replace
 from pathlib import Path
 
 from lib.runs import run_or_reuse
+from lib.sweeps import sweep_or_reuse
 
 from deft.core.loss import DensityLossConfig
-from deft.deploy import density_sweep
 from deft.tasks import get_task, load_glue
 from deft.training import TrainConfig
 
 TARGETS = (1.0, 0.5, 0.4, 0.3, 0.2, 0.1)
+GEMMA_TARGETS = (1.0, 0.5, 0.4, 0.3)
+# task -> (epochs, training examples; 0 = the full set): the steps each task's PEFT baseline needs to
+# leave the majority class. SST-2 learns from the main job's 2,000 examples in one epoch; MiniLM
+# with 2,000 examples and one epoch stays at the majority class on MRPC, RTE and CoLA (the GLUE
+# table), so those train on their full sets for several epochs.
+BUDGETS = {"sst2": (1.0, 2000), "mrpc": (3.0, 0), "rte": (3.0, 0), "cola": (3.0, 0), "stsb": (3.0, 0)}
+GEMMA_CALIBRATION = 64  # SQuAD training questions (each a ~256-token window)
 # variant name → (mode, TrainConfig overrides, DensityLossConfig overrides)
 VARIANTS = {
     "peft+thresholds": ("peft", {}, {}),
@@ -61,32 +68,51 @@ def learned(task: str, dense_metric: float, data_dir: str | None) -> bool:
     return dense_metric > majority + 1.0
 
 
+def budget(task: str, args) -> dict:
+    """Training budget of ``task``: the command line's where given, else :data:`BUDGETS`."""
+    epochs, samples = BUDGETS.get(task, (1.0, 2000))
+    extra = {"save_steps": 50} if task in BUDGETS and task != "sst2" else {}  # long runs resume mid-way
+    return {"epochs": args.epochs if args.epochs is not None else epochs,
+            "max_train_samples": (args.max_train_samples if args.max_train_samples is not None else samples) or None,
+            **extra}
+
+
 def config_for(task: str, variant: str, args) -> TrainConfig:
     mode, overrides, density = VARIANTS[variant]
-    base = TrainConfig(task=task, mode=mode, model=args.model, data_dir=args.data_dir, epochs=args.epochs,
-                       max_train_samples=args.max_train_samples or None, seed=args.seed)
+    base = TrainConfig(task=task, mode=mode, model=args.model, data_dir=args.data_dir, seed=args.seed,
+                       **budget(task, args))
     return replace(base, density=DensityLossConfig(**density), **overrides)  # fresh: tanh takes no ε
 
 
-def sweep_or_reuse(run_dir: Path, args) -> dict:
-    """The density sweep of one run, cached next to it (keyed by its settings)."""
-    key = {"targets": list(TARGETS), "calibration_samples": args.calibration_samples, "mode": "uniform"}
-    cache = run_dir / "deployed_density_sweep.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["sweep"]
-    sweep = density_sweep([str(run_dir)], TARGETS, calibration_samples=args.calibration_samples,
-                          data_dir=args.data_dir, progress=False)["runs"][0]
-    cache.write_text(json.dumps({"key": key, "sweep": sweep}, indent=2))
-    return sweep
+def rows_of(sweep: dict, *, task: str, variant: str, dense: float, steps: int, learned: bool, model: str,
+            mode: str) -> list[dict]:
+    return [{"task": task, "model": model, "variant": variant, "threshold_mode": mode,
+             "target_density": p["target_density"], "deployed_density": p["deployed_density"],
+             "metric": 100 * p["metric"], "dense_peft_metric": dense, "metric_delta_vs_dense_peft": 100 * p["metric"] - dense,
+             "steps": steps, "union_density": p["union_density"], "learned": learned,
+             "main_metric": sweep["main_metric"]} for p in sweep["points"]]
+
+
+def gemma_rows(run_dir: Path, args) -> list[dict]:
+    """The training-free rows for Gemma 3 270M: CATS-style gate thresholds (uniform, and greedy per
+    layer) on its LoRA PEFT SQuAD run (``benchmarks/sparse_decode.py`` trains it), F1 on the run's
+    held-out questions."""
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = []
+    for mode, variant in (("uniform", "peft+thresholds"), ("greedy", "peft+thresholds+greedy")):
+        sweep = sweep_or_reuse(run_dir, GEMMA_TARGETS, calibration_samples=GEMMA_CALIBRATION, mode=mode,
+                               data_dir=args.data_dir)
+        dense = 100 * next(p["metric"] for p in sweep["points"] if p["target_density"] == 1.0)
+        rows += rows_of(sweep, task="squad", variant=variant, dense=dense, steps=results["steps"],
+                        learned=dense > 5.0, model="gemma3-270m", mode=mode)
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| task | variant | target | deployed density | metric | Δ vs dense PEFT | union/seq | learned |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | task | variant | target | deployed density | metric | Δ vs dense PEFT | union/seq | learned |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['variant']} | {r['target_density']:.2f} | {100 * r['deployed_density']:.2f}% "
+        lines.append(f"| {r['model']} | {r['task']} | {r['variant']} | {r['target_density']:.2f} | {100 * r['deployed_density']:.2f}% "
                      f"| {r['metric']:.2f} | {r['metric_delta_vs_dense_peft']:+.2f} | {100 * r['union_density']:.2f}% "
                      f"| {'yes' if r['learned'] else 'no'} |")
     return "\n".join(lines) + "\n"
@@ -98,22 +124,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows})
+    tasks = sorted({(r["model"], r["task"]) for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for variant in VARIANTS:
-            pts = sorted((r for r in rows if r["task"] == task and r["variant"] == variant),
+    for ax, (model, task) in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task and r["model"] == model]
+        for variant in dict.fromkeys(r["variant"] for r in mine):
+            pts = sorted((r for r in mine if r["variant"] == variant),
                          key=lambda r: r["deployed_density"])
             if pts:
                 style = "k--o" if variant == "peft+thresholds" else "o-"
                 ax.plot([100 * p["deployed_density"] for p in pts], [p["metric"] for p in pts], style,
                         label=variant, markersize=4)
-        dense = next(r["dense_peft_metric"] for r in rows if r["task"] == task)
+        dense = mine[0]["dense_peft_metric"]
         ax.axhline(dense, color="gray", lw=0.8, ls=":", label="dense PEFT")
         ax.set_xscale("log")
         ax.set_xlabel("deployed exact density (%, log)")
         ax.set_ylabel(f"{get_task(task).main_metric} (points)")
-        ax.set_title(f"MiniLM · {task}: metric at deployed density")
+        ax.set_title(f"{model} · {task}: metric at deployed density")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -126,12 +153,18 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["sst2"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--model", default="minilm")
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--max-train-samples", type=int, default=2000, help="0 = the full training set")
+    ap.add_argument("--epochs", type=float, default=None, help="default: the task's budget (BUDGETS)")
+    ap.add_argument("--max-train-samples", type=int, default=None,
+                    help="0 = the full training set; default: the task's budget (BUDGETS)")
     ap.add_argument("--calibration-samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--runs-dir", default="runs/deployed_density")
+    ap.add_argument("--greedy", nargs="*", default=["peft+thresholds", "peft+train_density=0.1"],
+                    help="variants also swept with greedy per-layer thresholds (rows named VARIANT+greedy)")
+    ap.add_argument("--gemma-run", default=None,
+                    help="Gemma 3 270M LoRA PEFT SQuAD run (runs/sparse_decode/gemma3-270m-squad-peft): add its "
+                         "training-free rows")
     ap.add_argument("--out", default="benchmarks/results/deployed_density")
     args = ap.parse_args()
 
@@ -143,23 +176,28 @@ def main() -> None:
             run_dir = Path(args.runs_dir) / task / variant
             results = run_or_reuse(config_for(task, variant, args), run_dir, note=f"{variant} ")
             steps[variant] = results["steps"]
-            sweeps[variant] = sweep_or_reuse(run_dir, args)
+            sweeps[variant] = sweep_or_reuse(run_dir, TARGETS, calibration_samples=args.calibration_samples,
+                                             data_dir=args.data_dir)
             print(f"== {task} {variant}: " + ", ".join(
                 f"{p['target_density']:.2f}→{100 * p['deployed_density']:.1f}%:{100 * p['metric']:.2f}"
                 for p in sweeps[variant]["points"]), flush=True)
+            # Greedy per-layer allocation on the variants named: "+greedy" rows beside the uniform ones.
+            if variant in args.greedy:
+                sweeps[f"{variant}+greedy"] = sweep_or_reuse(run_dir, TARGETS, calibration_samples=args.calibration_samples,
+                                                             mode="greedy", data_dir=args.data_dir)
+                steps[f"{variant}+greedy"] = results["steps"]
         dense = 100 * next(p["metric"] for p in sweeps["peft+thresholds"]["points"] if p["target_density"] == 1.0)
         did_learn = learned(task, dense, args.data_dir)
-        for variant in variants:
-            for p in sweeps[variant]["points"]:
-                rows.append({"task": task, "variant": variant, "target_density": p["target_density"],
-                             "deployed_density": p["deployed_density"], "metric": 100 * p["metric"],
-                             "dense_peft_metric": dense, "metric_delta_vs_dense_peft": 100 * p["metric"] - dense,
-                             "steps": steps[variant], "union_density": p["union_density"], "learned": did_learn,
-                             "main_metric": sweeps[variant]["main_metric"]})
+        for variant, sweep in sweeps.items():
+            rows += rows_of(sweep, task=task, variant=variant, dense=dense, steps=steps[variant], learned=did_learn,
+                            model=args.model, mode="greedy" if variant.endswith("+greedy") else "uniform")
+    if args.gemma_run:
+        rows += gemma_rows(Path(args.gemma_run), args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "epochs": args.epochs, "max_train_samples": args.max_train_samples,
-               "calibration_samples": args.calibration_samples, "threshold_mode": "uniform", "seed": args.seed,
+    payload = {"model": args.model, "budgets": {t: budget(t, args) for t in args.tasks},
+               "calibration_samples": args.calibration_samples, "gemma_calibration_samples": GEMMA_CALIBRATION,
+               "seed": args.seed,
                "units": {"metric": "points (0-100; correlations x 100)", "densities": "fractions in [0, 1]"},
                "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))

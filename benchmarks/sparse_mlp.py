@@ -8,13 +8,16 @@ gated GELU-tanh) and ``2048x8192`` (d 2048, h 8192, gated SiLU) — at activatio
 * dense: the PyTorch MLP on the thresholded activation (F.linear calls; the fair baseline),
 * sparse: the gate densely, then ``deft.deploy.sparse_kernel`` (threshold + compaction + the
   active rows of W_up and W_downᵀ, fused, compiled),
-* fallback: the same with the kernel's PyTorch fallback (``index_select`` + matmul).
+* fallback: the same with the kernel's PyTorch fallback (``index_select`` + matmul),
+* up + down only (``ratio_up_down``): the gate's output given, dense up and down projections on
+  the thresholded activation against the kernel — the part sparsity can shrink (a gated MLP's
+  gate stays dense, so the whole block's ratio is capped at 3 / (1 + 2d) for gated blocks).
 
 Weights come from memory, not cache, as in decoding: each variant cycles through enough random
 copies of the block (≥ 256 MiB of weights per shape) that a copy is evicted before it is used
 again. τ is set per copy to the quantile of |a| that leaves exactly the target density.
 
-Rows: shape, density, threads, ratio (median dense / median sparse), ratio_fallback, max_rel_error
+Rows: shape, density, threads, ratio (median dense / median sparse), ratio_fallback, ratio_up_down, max_rel_error
 (sparse against dense, over the copies), the medians themselves; plus the machine (CPU model,
 torch threads, load average). Writes ``benchmarks/results/sparse_mlp.json``::
 
@@ -85,8 +88,10 @@ def tau_at(a: torch.Tensor, density: float) -> float:
     return float(s[-keep - 1] + s[-keep]) / 2 if keep < s.numel() else float(s[0]) / 2
 
 
-def variants(copies: list[dict], act, taus: list[float]) -> dict:
-    state = {"dense": 0, "sparse": 0, "fallback": 0}
+def variants(copies: list[dict], act, taus: list[float], gates: list[torch.Tensor] | None = None) -> dict:
+    """The timed variants; with ``gates`` (each copy's σ output, precomputed) also the up + down
+    projections alone (``dense_up_down`` / ``sparse_up_down``): what is left once the gate is paid."""
+    state = {"dense": 0, "sparse": 0, "fallback": 0, "dense_up_down": 0, "sparse_up_down": 0}
 
     def take(name: str) -> tuple[dict, float]:
         i = state[name]
@@ -109,8 +114,26 @@ def variants(copies: list[dict], act, taus: list[float]) -> dict:
         return run
 
     compiled = lambda *args: sparse_mlp_forward(*args, backend="compiled")  # noqa: E731
-    return {"dense": dense, "sparse": sparse_with("sparse", compiled),
-            "fallback": sparse_with("fallback", sparse_mlp_fallback)}
+    out = {"dense": dense, "sparse": sparse_with("sparse", compiled),
+           "fallback": sparse_with("fallback", sparse_mlp_fallback)}
+    if gates is not None:
+        def dense_up_down():
+            i = state["dense_up_down"]
+            state["dense_up_down"] = (i + 1) % len(copies)
+            c, tau, a = copies[i], taus[i], gates[i]
+            a = a.masked_fill(a.abs() <= tau, 0)
+            if c["up"] is not None:
+                a = a * F.linear(c["x"], c["up"], c["up_b"])
+            return F.linear(a, c["down"], c["down_b"])
+
+        def sparse_up_down():
+            i = state["sparse_up_down"]
+            state["sparse_up_down"] = (i + 1) % len(copies)
+            c = copies[i]
+            return compiled(c["x"], gates[i], taus[i], c["down_t"], c["down_b"], c["up"], c["up_b"])
+
+        out.update(dense_up_down=dense_up_down, sparse_up_down=sparse_up_down)
+    return out
 
 
 def max_rel_error(copies: list[dict], act, taus: list[float], fn) -> float:
@@ -149,10 +172,11 @@ def main() -> None:
                 err_fb = max_rel_error(copies, act, taus, "fallback")
                 for threads in THREADS:
                     torch.set_num_threads(threads)
-                    t = interleaved_medians(variants(copies, act, taus), repeats=repeats, warmup=warmup)
+                    t = interleaved_medians(variants(copies, act, taus, acts), repeats=repeats, warmup=warmup)
                     med = {k: v["median"] for k, v in t.items()}
                     row = {"shape": shape, "density": density, "threads": threads,
                            "ratio": med["dense"] / med["sparse"], "ratio_fallback": med["dense"] / med["fallback"],
+                           "ratio_up_down": med["dense_up_down"] / med["sparse_up_down"],
                            "max_rel_error": err, "max_rel_error_fallback": err_fb,
                            "median_us": {k: v * 1e6 for k, v in med.items()},
                            "d": d, "h": h, "gated": gated, "copies": len(copies), "weights_mib": nbytes / 2**20,
@@ -161,6 +185,7 @@ def main() -> None:
                     print(f"{shape:>12} density {density:.1f} threads {threads}: dense {med['dense'] * 1e6:8.1f} us  "
                           f"sparse {med['sparse'] * 1e6:8.1f} us (x{row['ratio']:.2f})  "
                           f"fallback {med['fallback'] * 1e6:8.1f} us (x{row['ratio_fallback']:.2f})  "
+                          f"up+down x{row['ratio_up_down']:.2f}  "
                           f"err {err:.1e}", flush=True)
             del copies, acts
     torch.set_num_threads(initial_threads)

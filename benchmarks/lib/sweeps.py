@@ -1,0 +1,25 @@
+"""Density sweeps a benchmark needs (``deft density-sweep`` on one run), cached next to the run and
+reused while their settings match, so benchmarks that share a run share its sweep."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from deft.deploy import density_sweep
+
+
+def sweep_or_reuse(run_dir: Path, targets: Sequence[float], *, calibration_samples: int, mode: str = "uniform",
+                   data_dir: str | None = None) -> dict:
+    """The sweep of ``run_dir`` at ``targets`` (one run's entry of ``sweep.json``)."""
+    key = {"targets": list(targets), "calibration_samples": calibration_samples, "mode": mode}
+    cache = Path(run_dir) / ("deployed_density_sweep.json" if mode == "uniform" else f"density_sweep_{mode}.json")
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["sweep"]
+    sweep = density_sweep([str(run_dir)], targets, mode=mode, calibration_samples=calibration_samples,
+                          data_dir=data_dir, progress=True)["runs"][0]
+    cache.write_text(json.dumps({"key": key, "sweep": sweep}, indent=2))
+    return sweep
