@@ -82,7 +82,8 @@ def cmd_sparsify(args) -> int:
     finished_run(args.run)
     payload = sparsify_run(args.run, args.output, density=args.density, tau=args.tau, mode=args.mode,
                            calibration_samples=args.calibration_samples, force=args.force,
-                           max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir)
+                           max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir,
+                           point=args.point)
     th, before, after = payload["thresholds"], payload["before"], payload["after"]
     target = f"target density {th['target_density']:g}" if th["target_density"] is not None else "one τ"
     print(f"{args.run}: {th['mode']} thresholds, {target}, calibrated on {th['calibration']['samples']} training "
@@ -129,7 +130,8 @@ def cmd_density_sweep(args) -> int:
         finished_run(run)
 
     payload = density_sweep(args.run, args.densities, mode=args.mode, calibration_samples=args.calibration_samples,
-                            max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir)
+                            max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir,
+                            point=args.point)
     out = _Path(args.output)
     write_json(out / "sweep.json", payload)
     plot_density_sweep(payload, out / "sweep.png")
@@ -147,6 +149,9 @@ def _threshold_options(p) -> None:
                    help="uniform: every layer at the target density; global: one τ whose mean layer density is the "
                         "target; greedy: per-layer densities with the target as mean, lowered first where the "
                         "block's output error grows least (default uniform)")
+    p.add_argument("--point", default="act", choices=("act", "product"),
+                   help="act: threshold σ's output (for gated MLPs the gate, CATS' choice); product: the gated "
+                        "product, the down projection's input (the sparse kernel covers act only) (default act)")
     p.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
                    help=f"training examples the thresholds are calibrated on (default {DEFAULT_CALIBRATION_SAMPLES})")
     p.add_argument("--max-samples", type=int, default=None,

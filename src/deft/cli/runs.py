@@ -226,6 +226,8 @@ def cmd_eval(args) -> int:
     if runner.task.kind in SPLIT_READERS:
         SPLIT_READERS[runner.task.kind](runner.task, args.split, args.data_dir or runner.config.data_dir)
     config, model, tokenizer = load_run(args.run)
+    if config.site_point != runner.config.site_point:  # product thresholds: measured where the zeros are
+        runner = task_runner(config, args.task)
     skipped = []
     if args.skip_threshold is not None:
         sites = find_sites(model, config.site_point)

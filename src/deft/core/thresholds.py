@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .layers import ActivationWrapper, set_module, unwrap_model
-from .sites import find_sites
+from .sites import SITE_POINTS, find_sites
 
 THRESHOLDS_FILE = "thresholds.json"
 MODES = ("uniform", "global", "greedy", "tau", "trained")
@@ -67,8 +67,8 @@ class Thresholds:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown threshold mode {self.mode!r}; choose one of {MODES}")
-        if self.point != "act":
-            raise ValueError("thresholds sit on σ's output (point 'act'); the gated product is not supported yet")
+        if self.point not in SITE_POINTS:
+            raise ValueError(f"unknown threshold point {self.point!r}; choose one of {SITE_POINTS}")
         bad = {k: v for k, v in self.taus.items() if not v >= 0}
         if bad:
             raise ValueError(f"thresholds must be >= 0, got {bad}")
@@ -98,10 +98,36 @@ def threshold_path(base: nn.Module, path: str) -> str:
     return path
 
 
-def thresholded_modules(model: nn.Module) -> dict[str, ThresholdedActivation]:
-    """Site path → its threshold module, for the sites of ``model`` that have one."""
+class InputThreshold:
+    """A down projection's input (the gated product, ``point="product"``) with every entry of
+    magnitude ≤ ``tau`` set to exactly 0: a forward pre-hook registered first, so the layer and
+    every capture hook after it see the zeros. Kept on the layer as ``_deft_input_threshold``
+    (a hook, not a module: the layer, its LoRA and its weights stay where everything expects them)."""
+
+    ATTR = "_deft_input_threshold"
+
+    def __init__(self, module: nn.Module, tau: float, summary: dict | None = None):
+        self.tau = float(tau)
+        self.summary = summary
+        self.hook_id = module.register_forward_pre_hook(self, prepend=True).id
+        setattr(module, self.ATTR, self)
+
+    def __call__(self, module, args):
+        if not args:
+            return None
+        x = args[0]
+        return (x.masked_fill(x.abs() <= self.tau, 0), *args[1:])
+
+    def detach(self, module: nn.Module) -> None:
+        module._forward_pre_hooks.pop(self.hook_id, None)
+        delattr(module, self.ATTR)
+
+
+def thresholded_modules(model: nn.Module) -> dict[str, ThresholdedActivation | InputThreshold]:
+    """Site path → its threshold (``.tau``, ``.summary``), for the sites of ``model`` that have one:
+    the activation's path for σ-output thresholds, the down projection's for product ones."""
     base = unwrap_model(model)
-    found = {}
+    found = {name: t for name, m in base.named_modules() if (t := getattr(m, InputThreshold.ATTR, None)) is not None}
     for site in find_sites(model, "act"):
         module = base.get_submodule(threshold_path(base, site.module))
         if isinstance(module, ThresholdedActivation):
@@ -112,12 +138,15 @@ def thresholded_modules(model: nn.Module) -> dict[str, ThresholdedActivation]:
 def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> nn.Module:
     """Put ``thresholds`` into ``model`` (in place; replaces thresholds already there)."""
     base = unwrap_model(model)
-    sites = {s.module: s for s in find_sites(model, "act")}
+    sites = {s.module: s for s in find_sites(model, thresholds.point)}
     unknown = sorted(set(thresholds.taus) - set(sites))
     if unknown:
         raise ValueError(f"thresholds for {unknown[:3]} do not fit this model (its sites: {sorted(sites)[:3]} ...)")
     remove_thresholds(model)
     for path, tau in thresholds.taus.items():
+        if thresholds.point == "product":
+            InputThreshold(base.get_submodule(path), tau, thresholds.summary())
+            continue
         inner_path = threshold_path(base, path)
         set_module(base, inner_path, ThresholdedActivation(base.get_submodule(inner_path), tau, thresholds.summary()))
     return model
@@ -126,10 +155,23 @@ def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> nn.Module:
 def remove_thresholds(model: nn.Module) -> nn.Module:
     """The model without thresholds (in place)."""
     base = unwrap_model(model)
-    for path in thresholded_modules(model):
+    for path, threshold in thresholded_modules(model).items():
+        if isinstance(threshold, InputThreshold):
+            threshold.detach(base.get_submodule(path))
+            continue
         inner_path = threshold_path(base, path)
         set_module(base, inner_path, base.get_submodule(inner_path).inner)
     return model
+
+
+def current_thresholds(model: nn.Module) -> Thresholds | None:
+    """The thresholds ``model`` runs with, as data (None: none)."""
+    modules = thresholded_modules(model)
+    if not modules:
+        return None
+    summary = next(iter(modules.values())).summary or {}
+    return Thresholds(taus={p: m.tau for p, m in modules.items()}, mode=summary.get("mode") or "tau",
+                      target_density=summary.get("target_density"), point=summary.get("point") or "act")
 
 
 def applied_thresholds(model: nn.Module) -> dict | None:

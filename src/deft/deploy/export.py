@@ -28,7 +28,8 @@ from ..adaptive import (DEFAULT_SKIP_THRESHOLD, AdaptiveError, ConstantProjectio
                         ZeroProjection, adaptive_weights, skip_blocks, skipped_sites)
 from ..core.layers import float_dtype, out_features, set_module, unwrap_model
 from ..core.sites import ActivationSite, find_sites
-from ..core.thresholds import Thresholds, applied_thresholds, apply_thresholds, thresholded_modules
+from ..core.thresholds import (Thresholds, applied_thresholds, apply_thresholds, current_thresholds,
+                              thresholded_modules)
 from ..methods import BottleneckAdapter, applied_method, config_to_dict
 from ..training import RunDir, load_run
 
@@ -102,7 +103,10 @@ def prepare_for_inference(model: nn.Module, threshold: float | None = DEFAULT_SK
         raise AdaptiveError("a QLoRA run cannot be merged: merging LoRA into NF4 weights re-quantises them "
                             "(lossy). Skip blocks in memory instead (deft eval --skip-threshold) or train with lora")
     if method == "lora":
+        kept = current_thresholds(model)
         model = model.merge_and_unload()  # α and skipped blocks live in the modules: nothing to re-attach
+        if kept is not None and kept.point == "product":  # hooks on a merged LoRA layer went with it
+            apply_thresholds(model, kept)
         info["merged"] = True
     info["alphas_folded"] = bool(fold_alphas(model))
     return model, removed, info

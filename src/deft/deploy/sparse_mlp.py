@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.layers import dense_layer, is_conv1d, set_module, unwrap_model, weight_out_in
 from ..core.sites import UnsupportedModelError, find_sites, require_dense
-from ..core.thresholds import Thresholds, ThresholdedActivation
+from ..core.thresholds import InputThreshold, Thresholds, ThresholdedActivation
 from . import sparse_kernel
 
 __all__ = ["SparseMLP", "sparsify_mlps"]
@@ -110,6 +110,9 @@ class SparseMLP(nn.Module):
         if extra:
             raise ValueError(f"{type(block).__name__} holds {extra} besides its MLP layers {sorted(names)}: "
                              "replacing it by a SparseMLP would drop them")
+        if getattr(children[down], InputThreshold.ATTR, None) is not None:
+            raise ValueError("the block's thresholds sit on the gated product (--point product); SparseMLP "
+                             "thresholds the gate: calibrate at --point act for the kernel")
         act_module = children[act]
         inner, own_tau = act_module, 0.0
         if isinstance(act_module, ThresholdedActivation):

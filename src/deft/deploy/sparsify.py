@@ -19,6 +19,7 @@ sentences; SQuAD training windows, for the generative form prompt and answer).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -36,8 +37,11 @@ DEFAULT_CALIBRATION_SAMPLES = 256
 MODES = ("uniform", "global", "greedy")
 
 
-def check_request(density: float | None, tau: float | None, mode: str, calibration_samples: int) -> None:
+def check_request(density: float | None, tau: float | None, mode: str, calibration_samples: int,
+                  point: str = "act") -> None:
     """One-line errors for what ``deft sparsify`` cannot do, before anything is loaded."""
+    if point not in ("act", "product"):
+        raise ValueError(f"unknown --point {point!r}; choose act or product")
     if (density is None) == (tau is None):
         raise ValueError("give --density D (a target) or --tau T (one threshold), not both")
     if density is not None and not 0 < density <= 1:
@@ -61,13 +65,13 @@ class Calibration:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, tokenizer, config: TrainConfig, *, samples: int = DEFAULT_CALIBRATION_SAMPLES,
-              batch_size: int = 32, data_dir: str | None = None, rows: bool = False) -> Calibration:
+              batch_size: int = 32, data_dir: str | None = None, rows: bool = False, point: str = "act") -> Calibration:
     """One pass over ``samples`` training examples of the run's task, measuring the model as given
     (remove thresholds first to calibrate afresh). ``rows``: also keep block rows for greedy."""
     runner = task_runner(config)
-    sites = find_sites(model, "act")
+    sites = find_sites(model, point)  # product: the down projections' inputs, in the model's own units
     handle = adaptive_weights(model)
-    alphas = handle.alphas() if handle is not None else {}
+    alphas = handle.alphas() if handle is not None and point == "act" else {}
     scale = [max(abs(alphas.get(s.module, 1.0)), 1e-12) for s in sites]
     sampler = MagnitudeSampler(len(sites), scale)
     captures = [ActivationCapture(model, sites, meter=sampler)]
@@ -79,7 +83,7 @@ def calibrate(model: nn.Module, tokenizer, config: TrainConfig, *, samples: int 
         product_sites = type(sites)(tuple(products[(s.stack, s.layer)] for s in sites), sites.family,
                                     sites.model_type, "product")
         act_rows, input_rows = RowSampler(len(sites)), RowSampler(len(sites))
-        captures += [ActivationCapture(model, sites, meter=act_rows),
+        captures += [ActivationCapture(model, product_sites if point == "product" else sites, meter=act_rows),
                      ActivationCapture(model, product_sites, meter=input_rows)]
     device = model_device(model)
     was_training = model.training
@@ -130,7 +134,8 @@ def global_tau(values: Sequence[torch.Tensor], density: float, iterations: int =
 
 def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, density: float | None = None,
                       tau: float | None = None, mode: str = "uniform", tokens: int = 0, samples: int = 0,
-                      model: nn.Module | None = None, calibration: Calibration | None = None) -> Thresholds:
+                      model: nn.Module | None = None, calibration: Calibration | None = None,
+                      point: str = "act") -> Thresholds:
     """Thresholds for these sites from their calibration magnitudes (module doc); ``greedy`` also
     needs the model and a calibration with rows."""
     if tau is not None:
@@ -146,7 +151,7 @@ def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, d
         one = global_tau(values, density)
         taus = {p: one for p in paths}
     calibrated = {p: density_at(v, taus[p]) for p, v in zip(paths, values)}
-    return Thresholds(taus=taus, mode=mode, target_density=density, calibration={
+    return Thresholds(taus=taus, mode=mode, target_density=density, point=point, calibration={
         "samples": samples, "tokens": tokens, "per_layer_density": calibrated,
         "density": sum(calibrated.values()) / len(calibrated) if calibrated else None})
 
@@ -159,10 +164,12 @@ def evaluation_summary(runner, model, tokenizer, **options) -> dict:
 def sparsify_run(run: str, output: str, *, density: float | None = None, tau: float | None = None,
                  mode: str = "uniform", calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, force: bool = False,
                  max_samples: int | None = None, batch_size: int | None = None, data_dir: str | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, point: str = "act") -> dict:
     """``deft sparsify``: calibrate thresholds for ``run``, evaluate before and after, and write
-    the thresholded run to ``output`` (every part of ``run`` plus ``thresholds.json``)."""
-    check_request(density, tau, mode, calibration_samples)
+    the thresholded run to ``output`` (every part of ``run`` plus ``thresholds.json``). ``point``:
+    ``act`` (σ's output; for gated MLPs the gate) or ``product`` (the gated product, the down
+    projection's input); density after is measured at that point."""
+    check_request(density, tau, mode, calibration_samples, point)
     source = RunDir(run).check()
     if (source / RunDir.THRESHOLDS).is_file() and not force:
         raise ValueError(f"{run} already has thresholds ({RunDir.THRESHOLDS}); --force calibrates them afresh")
@@ -175,12 +182,12 @@ def sparsify_run(run: str, output: str, *, density: float | None = None, tau: fl
     before = evaluation_summary(runner, model, tokenizer, **options)
     remove_thresholds(model)
     calibration = calibrate(model, tokenizer, config, samples=calibration_samples, data_dir=data_dir,
-                            rows=mode == "greedy" and tau is None)
+                            rows=mode == "greedy" and tau is None, point=point)
     thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=density, tau=tau, mode=mode,
                                    tokens=calibration.tokens, samples=calibration_samples, model=model,
-                                   calibration=calibration)
+                                   calibration=calibration, point=point)
     apply_thresholds(model, thresholds)
-    after = evaluation_summary(runner, model, tokenizer, **options)
+    after = evaluation_summary(task_runner(replace(config, site_point=point)), model, tokenizer, **options)
     source.derive(output)
     thresholds.save(out.path)
     payload = {"source_run": str(run), "task": config.task, "main_metric": runner.task.main_metric,

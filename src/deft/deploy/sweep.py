@@ -5,6 +5,7 @@ run thresholded with no training (TEAL / CATS) against DEFT's runs, at equal dep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ..core.thresholds import apply_thresholds, remove_thresholds
@@ -25,12 +26,15 @@ def check_densities(densities: Sequence[float]) -> list[float]:
 
 def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENSITIES, *, mode: str = "uniform",
                   calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, max_samples: int | None = None,
-                  batch_size: int | None = None, data_dir: str | None = None, progress: bool = True) -> dict:
+                  batch_size: int | None = None, data_dir: str | None = None, progress: bool = True,
+                  point: str = "act") -> dict:
     """The ``sweep.json`` payload: per run, per target density (1 = untouched, no thresholds), the
     metric, the deployed exact density and the union density on the run's evaluation split."""
     targets = check_densities(densities)
     if mode not in MODES:
         raise ValueError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
+    if point not in ("act", "product"):
+        raise ValueError(f"unknown --point {point!r}; choose act or product")
     if calibration_samples < 1:
         raise ValueError(f"--calibration-samples must be >= 1, got {calibration_samples}")
     for run in runs:
@@ -41,7 +45,8 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
         runner = task_runner(config)
         remove_thresholds(model)  # each target calibrated afresh, from the untouched model
         calibration = calibrate(model, tokenizer, config, samples=calibration_samples, data_dir=data_dir,
-                                rows=mode == "greedy")
+                                rows=mode == "greedy", point=point)
+        runner = task_runner(replace(config, site_point=point))  # density read where the zeros are
         options = dict(max_samples=max_samples, batch_size=batch_size, data_dir=data_dir, progress=progress)
         points = []
         for target in targets:
@@ -50,7 +55,7 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
             if target < 1:
                 thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=target, mode=mode,
                                                tokens=calibration.tokens, samples=calibration_samples, model=model,
-                                               calibration=calibration)
+                                               calibration=calibration, point=point)
                 apply_thresholds(model, thresholds)
             result = evaluation_summary(runner, model, tokenizer, **options)
             points.append({"target_density": target, "deployed_density": result["density"],
@@ -63,7 +68,8 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
         entries.append({"run": str(run), "label": f"{config.mode.upper()} {config.method} ({Path(run).name})",
                         "mode": config.mode, "method": config.method, "model": config.model, "task": config.task,
                         "main_metric": runner.task.main_metric, "points": points})
-    return {"threshold_mode": mode, "calibration_samples": calibration_samples, "eval_max_samples": max_samples,
+    return {"threshold_mode": mode, "point": point, "calibration_samples": calibration_samples,
+            "eval_max_samples": max_samples,
             "runs": entries}
 
 

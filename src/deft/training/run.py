@@ -8,6 +8,7 @@ runner (:mod:`deft.tasks.runners`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 import os
 import shutil
@@ -21,6 +22,7 @@ from torch import nn
 from ..adaptive import AdaptiveConfig, apply_adaptive, checkpoint_callback, frozen_alphas, load_adaptive
 from ..core.relufication import relufy
 from ..core.sites import find_sites
+from ..core.thresholds import applied_thresholds
 from ..io.models import ensure_pad_token, load_tokenizer, model_load_errors, resolve_model_path
 from ..methods import get_method, trainable_parameters
 from ..tasks.runners import TaskRunner, runner_for
@@ -200,6 +202,9 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:
         load_adaptive(model, run / RunDir.ADAPTIVE, find_sites(model, config.site_point))
     model = run.apply_pruned(model)  # a `deft prune` output: merged, pruned weights
     model = run.apply_thresholds(model)  # a `deft sparsify` output: exact zeros under τ
+    applied = applied_thresholds(model)
+    if applied and applied.get("point") and applied["point"] != config.site_point:
+        config = replace(config, site_point=applied["point"])  # density is read where the deployed zeros are
     model = run.apply_shrink(model)  # a `deft shrink` output: merged, dead MLP neurons removed
     model.eval()
     return config, model, tokenizer
