@@ -101,6 +101,16 @@ def test_resume_continues_from_checkpoint(tiny_bert_dir, shared_data, tmp_path):
     assert more["steps"] == 4
 
 
+def test_resume_accepts_a_run_saved_before_a_defaulted_setting_existed(tiny_bert_dir, shared_data, tmp_path):
+    # A run directory from an older deft lacks settings added since (with their defaults): it resumes.
+    train(tiny_config(tiny_bert_dir, shared_data), tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    del saved["train_density_form"]
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps(saved))
+    more = train(tiny_config(tiny_bert_dir, shared_data), tmp_path / "run", resume=True, progress=False)
+    assert more["resumed_from"] and more["resumed_from"].endswith("checkpoint-2")
+
+
 def test_resume_with_different_settings_is_refused(tiny_bert_dir, shared_data, tmp_path):
     train(tiny_config(tiny_bert_dir, shared_data), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="different settings"):

@@ -81,7 +81,9 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         raise ValueError(f"{out} already holds a run ({RunDir.CONFIG}); --resume continues it, --overwrite "
                          "replaces it, or choose another --output")
     if resume and run.is_run():
-        if run.read_config() != json.loads(json.dumps(config.to_dict())):
+        # read through from_dict: a run saved before a defaulted setting existed resumes with its default
+        saved = TrainConfig.from_dict(run.read_config()).to_dict()
+        if json.loads(json.dumps(saved)) != json.loads(json.dumps(config.to_dict())):
             raise ValueError(f"--resume: {run / RunDir.CONFIG} was written with different settings; "
                              "resume with the same options or use a new --output")
     runner = task_runner(config)
@@ -105,7 +107,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     adaptive = apply_adaptive(model, sites, AdaptiveConfig(
         init=config.ada_init, init_std=config.ada_init_std, seed=config.seed,
         lr_scale=config.ada_lr_scale)) if config.ada else None
-    in_loop = add_in_loop_thresholds(model, sites, config.ste, config.train_density) \
+    in_loop = add_in_loop_thresholds(model, sites, config.ste, config.train_density, config.train_density_form) \
         if config.train_density is not None else {}
     trainable, total = trainable_parameters(model)
 
@@ -149,7 +151,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     if in_loop:
         trainer.add_callback(threshold_schedule(
             model, sites, in_loop, target=config.train_density, start=config.train_density_start,
-            ramp=config.train_density_ramp, every=config.tau_every, total_steps=total_steps))
+            ramp=config.train_density_ramp, every=config.tau_every, total_steps=total_steps,
+            form=config.train_density_form))
     if config.density_loss is not None and config.density.eps_final is not None:
         trainer.add_callback(epsilon_schedule(trainer.capture, config.density, total_steps))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
