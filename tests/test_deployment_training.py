@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,11 +17,11 @@ from deft.core.capture import ActivationCapture
 from deft.core.loss import DensityLossConfig, combine_terms, site_term
 from deft.core.metrics import DensityMeter
 from deft.core.relufication import ReLUfied, relufy
-from deft.core.sites import find_sites
+from deft.core.sites import SiteMap, find_sites
 from deft.core.thresholds import MagnitudeSampler, quantile_of_magnitudes, thresholded_modules
 from deft.methods import get_method
 from deft.training import RunDir, TrainConfig, load_run, train
-from deft.training.schedules import InLoopThreshold, add_in_loop_thresholds, epsilon_schedule
+from deft.training.schedules import InLoopThreshold, add_in_loop_thresholds, epsilon_schedule, threshold_schedule
 
 
 def test_straight_through_passes_the_gradient_where_the_forward_zeroes():
@@ -171,3 +172,114 @@ def test_math_of_the_quantile():
     tau = quantile_of_magnitudes(values, 0.7)
     assert float((values > tau).float().mean()) == pytest.approx(0.3)
     assert math.isclose(tau, 70.0)
+
+
+# -- the neuron form: whole neurons zeroed, the same on every token ------------------------------
+class _Rows:
+    """A capture meter keeping σ's real-token rows per site (the brute-force ranking's input)."""
+
+    def __init__(self, n):
+        self.rows = [[] for _ in range(n)]
+
+    def update(self, index, act, mask):
+        self.rows[index].append(act[mask].detach().double())
+
+    def end_sequences(self):
+        pass
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_neuron_form_keeps_the_largest_rms_neurons_and_zeroes_the_rest_on_every_token(family):
+    model = get_method("lora").apply(make_model(family), {"include_mlp": True}, task_type=None)
+    sites = find_sites(model)
+    if any(s.experts for s in sites):
+        with pytest.raises(ValueError, match="routed experts"):
+            add_in_loop_thresholds(model, sites, target=0.25, form="neuron")
+        return
+    modules = add_in_loop_thresholds(model, sites, target=0.25, form="neuron")
+    schedule = threshold_schedule(model, sites, modules, target=0.25, start=0.25, ramp=0.0, every=1, total_steps=4,
+                                  form="neuron")
+    inputs = make_inputs(family, batch=2, length=8, pad=2)
+    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type, "act")
+    rows = _Rows(len(sites))
+    model.train()
+
+    class State:
+        global_step = 0
+
+    schedule.on_step_begin(None, State(), None)
+    with torch.no_grad(), ActivationCapture(model, inner, meter=rows):
+        model(**inputs)
+    schedule.on_step_end(None, State(), None)
+    for index, site in enumerate(sites):  # by hand: sum of squares over real tokens, the top ⌈0.25 w⌉
+        squares = torch.cat(rows.rows[index]).pow(2).sum(0)
+        want = set(squares.topk(math.ceil(0.25 * site.width)).indices.tolist())
+        assert set(modules[site.module].kept_neurons()) == want
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    optimizer = torch.optim.SGD(params, lr=1e-2)
+    for step in (1, 2, 3):  # the ramp's last step re-chooses the masks; then they stay, steps run through them
+        State.global_step = step
+        outer = _Rows(len(sites))  # the last step's forward, under the final masks
+        schedule.on_step_begin(None, State(), None)
+        with ActivationCapture(model, sites, meter=outer):
+            out = model(**inputs)
+            logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+            logits.float().pow(2).mean().backward()
+        schedule.on_step_end(None, State(), None)
+        assert all(p.grad is not None for p in params) and sum(float(p.grad.abs().sum()) for p in params) > 0
+        optimizer.step()
+        optimizer.zero_grad()
+    for index, site in enumerate(sites):
+        keep = modules[site.module].keep
+        assert set(keep.nonzero().reshape(-1).tolist()) == set(modules[site.module].kept_neurons())
+        acts = torch.cat(outer.rows[index])
+        assert bool((acts[:, ~keep] == 0).all())  # every dropped neuron is 0 on every real token
+        assert bool((acts[:, keep] != 0).float().mean() > 0.3)  # the kept ones work (ReLU families: half)
+
+
+def test_neuron_form_run_saves_its_masks_and_shrinks_to_them(tiny_bert_dir, shared_data, tmp_path):
+    from deft.cli import main
+    from deft.methods import merge_peft
+
+    cfg = tiny_config(tiny_bert_dir, shared_data, train_density=0.25, train_density_form="neuron",
+                      train_density_ramp=0.5, tau_every=2)
+    results = train(cfg, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / RunDir.THRESHOLDS).read_text())
+    _, model, tok = load_run(tmp_path / "run")
+    sites = find_sites(model)
+    assert set(saved["neurons"]) == {s.module for s in sites}
+    for site in sites:
+        assert len(saved["neurons"][site.module]) == math.ceil(0.25 * site.width)
+        assert thresholded_modules(model)[site.module].kept_neurons() == saved["neurons"][site.module]
+    assert results["density"]["overall"] <= 0.25 + 1e-6  # only kept neurons can be non-zero
+    batch = tok(["a fine film", "dull and long , and not funny at all"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = merge_peft(model)(**batch).logits
+    # a density sweep keeps the removed neurons removed: its untouched point is the masked model
+    assert main(["density-sweep", "--run", str(tmp_path / "run"), "--densities", "1", "0.1",
+                 "--calibration-samples", "16", "--max-samples", "16", "--output", str(tmp_path / "sweep")]) == 0
+    points = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"][0]["points"]
+    assert points[0]["deployed_density"] <= 0.25 + 1e-6 and points[1]["deployed_density"] < points[0]["deployed_density"]
+    assert main(["shrink", "--run", str(tmp_path / "run"), "--calibration-samples", "16",
+                 "--output", str(tmp_path / "shrunk")]) == 0
+    summary = json.loads((tmp_path / "shrunk" / RunDir.SHRINK).read_text())["summary"]
+    assert all(r["width_after"] <= len(saved["neurons"][r["site"]]) for r in summary["layers"])
+    _, shrunk, _ = load_run(tmp_path / "shrunk")
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(**batch).logits, want, atol=1e-5, rtol=0)
+
+
+def test_neuron_masks_are_refused_where_they_cannot_apply():
+    from deft.core.thresholds import Thresholds, apply_thresholds
+    from deft.deploy.sparse_mlp import sparsify_mlps
+
+    with pytest.raises(ValueError, match="σ's output"):
+        Thresholds(taus={"a": 0.0}, mode="trained", point="product", neurons={"a": [0]})
+    with pytest.raises(ValueError, match="token or neuron"):
+        TrainConfig(train_density=0.5, train_density_form="column")
+    model = make_model("llama")
+    sites = find_sites(model)
+    apply_thresholds(model, Thresholds(taus={s.module: 0.0 for s in sites}, mode="trained",
+                                       neurons={s.module: [0, 1] for s in sites}))
+    with pytest.raises(ValueError, match="deft shrink"):
+        sparsify_mlps(model, backend="fallback")

@@ -134,6 +134,10 @@ def train_args(p):
                    help=f"... over this share of the steps (default {d('train_density_ramp'):g})")
     g.add_argument("--tau-every", type=int, default=None,
                    help=f"steps between re-calibrations of τ (default {d('tau_every')})")
+    g.add_argument("--train-density-form", default=None, choices=("token", "neuron"),
+                   help="what the in-loop zeros are: entries |a| <= τ_l (token) or whole neurons, the same on "
+                        "every token (neuron: each block keeps the neurons of largest RMS, fixed once the ramp "
+                        f"ends; `deft shrink` then removes the others; default {d('train_density_form')})")
     g.add_argument("--no-ste", action="store_true",
                    help="block the gradient at zeroed entries (default: straight-through)")
     g.add_argument("--activation", default=None, choices=("relu", "shifted-relu"),

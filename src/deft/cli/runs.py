@@ -123,7 +123,7 @@ TRAIN_OPTIONS = {
     "seed": "seed", "data_dir": "data_dir", "point": "site_point", "ada_lr_scale": "ada_lr_scale",
     "activation": "activation", "activation_shift": "activation_shift", "train_density": "train_density",
     "train_density_start": "train_density_start", "train_density_ramp": "train_density_ramp",
-    "tau_every": "tau_every", "save_steps": "save_steps",
+    "tau_every": "tau_every", "save_steps": "save_steps", "train_density_form": "train_density_form",
 }
 DENSITY_OPTIONS = {"lam": "weight", "approx": "approx", "eps": "eps", "beta": "beta",
                    "encoder_weight": "encoder_weight", "decoder_weight": "decoder_weight",

@@ -10,7 +10,7 @@ that is 0 on every token is removed exactly and one that is nearly always 0 is r
 mean contribution.
 
 The activation module at the site stays (thresholds, ADA's α): it is elementwise, so it runs
-on the kept neurons unchanged. Layers must be plain float dense layers: merge LoRA first
+on the kept neurons unchanged (a threshold's neuron mask is cut to the kept neurons). Layers must be plain float dense layers: merge LoRA first
 (:func:`deft.methods.merge_peft`); bottleneck adapters and 4-bit layers are refused.
 
 What was removed is data (:class:`NeuronRemoval`: kept indices and original width per site,
@@ -31,6 +31,7 @@ from torch import nn
 
 from .layers import dense_layer, is_conv1d, set_module, unwrap_model, weight_out_in
 from .sites import ActivationSite, find_sites, require_dense
+from .thresholds import threshold_path
 
 __all__ = ["SHRINK_FILE", "SHRINK_WEIGHTS_FILE", "NeuronRemoval", "apply_removal", "check_removable",
            "mlp_parameters", "remove_neurons"]
@@ -126,6 +127,9 @@ def remove_neurons(model: nn.Module, keep: Mapping[str, torch.Tensor],
                 weight = weight.index_select(0, index)
                 bias = bias.index_select(0, index) if bias is not None else None
             set_module(base, getattr(site, role), _new_dense(layer, weight, bias))
+        activation = base.get_submodule(threshold_path(base, path))
+        if getattr(activation, "keep", None) is not None:  # a neuron mask follows its neurons
+            activation.keep = activation.keep.to(indices.device).index_select(0, indices)
     if bias_delta:
         raise ValueError(f"bias deltas for {sorted(bias_delta)[:3]} without kept neurons: give keep for those sites")
     return model

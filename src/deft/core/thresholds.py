@@ -31,20 +31,31 @@ MAX_VALUES_PER_SITE = 2_000_000
 
 
 class ThresholdedActivation(ActivationWrapper):
-    """``inner(x)`` with every entry of magnitude ≤ ``tau`` set to exactly 0."""
+    """``inner(x)`` with every entry of magnitude ≤ ``tau`` set to exactly 0, and — given ``keep``
+    (a bool vector over the block's neurons) — every entry of a neuron outside ``keep`` too."""
 
-    def __init__(self, inner: nn.Module, tau: float, summary: dict | None = None):
+    def __init__(self, inner: nn.Module, tau: float, summary: dict | None = None, keep: torch.Tensor | None = None):
         super().__init__()
         self.inner = inner
         self.tau = float(tau)
         self.summary = summary  # how τ was chosen (Thresholds.summary()), for density reports
+        # A plain attribute, not a buffer: state dicts (merges, exports) stay those of the model.
+        self.keep = None if keep is None else torch.as_tensor(keep, dtype=torch.bool)
 
     def forward(self, *args, **kwargs):
         a = self.inner(*args, **kwargs)
-        return a.masked_fill(a.abs() <= self.tau, 0)
+        drop = a.abs() <= self.tau
+        if self.keep is not None:
+            self.keep = self.keep.to(a.device)
+            drop = drop | ~self.keep
+        return a.masked_fill(drop, 0)
+
+    def kept_neurons(self) -> list[int] | None:
+        return None if self.keep is None else self.keep.nonzero().reshape(-1).tolist()
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau:.6g}"
+        kept = "" if self.keep is None else f", neurons={int(self.keep.sum())}/{self.keep.numel()}"
+        return f"tau={self.tau:.6g}{kept}"
 
 
 @dataclass
@@ -55,7 +66,8 @@ class Thresholds:
     ``global`` (one τ for all layers, chosen so the mean layer density is ``target_density``) or
     ``tau`` (one τ given by hand) or ``trained`` (the in-loop thresholds a run trained with).
     ``calibration``: what the calibration measured (samples,
-    tokens, the density each layer had at its τ).
+    tokens, the density each layer had at its τ). ``neurons`` (site path → kept neuron indices,
+    ``--train-density-form neuron``): every other neuron of that block is 0 on every token.
     """
 
     taus: dict[str, float]
@@ -63,6 +75,7 @@ class Thresholds:
     target_density: float | None = None
     point: str = "act"
     calibration: dict = field(default_factory=dict)
+    neurons: dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -72,6 +85,12 @@ class Thresholds:
         bad = {k: v for k, v in self.taus.items() if not v >= 0}
         if bad:
             raise ValueError(f"thresholds must be >= 0, got {bad}")
+        if self.neurons is not None:
+            if self.point != "act":
+                raise ValueError("neuron masks sit on σ's output (point 'act'), not on the gated product")
+            if set(self.neurons) - set(self.taus):
+                raise ValueError("neuron masks for sites without a threshold: give each masked site a τ (0 for none)")
+            self.neurons = {p: sorted(int(i) for i in v) for p, v in self.neurons.items()}
 
     def summary(self) -> dict:
         """What a density report says about the thresholds it was measured under."""
@@ -148,7 +167,12 @@ def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> nn.Module:
             InputThreshold(base.get_submodule(path), tau, thresholds.summary())
             continue
         inner_path = threshold_path(base, path)
-        set_module(base, inner_path, ThresholdedActivation(base.get_submodule(inner_path), tau, thresholds.summary()))
+        keep = None
+        if thresholds.neurons is not None and path in thresholds.neurons:
+            keep = torch.zeros(sites[path].width, dtype=torch.bool)
+            keep[torch.as_tensor(thresholds.neurons[path], dtype=torch.long)] = True
+        set_module(base, inner_path, ThresholdedActivation(base.get_submodule(inner_path), tau, thresholds.summary(),
+                                                           keep))
     return model
 
 
@@ -170,8 +194,11 @@ def current_thresholds(model: nn.Module) -> Thresholds | None:
     if not modules:
         return None
     summary = next(iter(modules.values())).summary or {}
+    neurons = {p: kept for p, m in modules.items()
+               if isinstance(m, ThresholdedActivation) and (kept := m.kept_neurons()) is not None}
     return Thresholds(taus={p: m.tau for p, m in modules.items()}, mode=summary.get("mode") or "tau",
-                      target_density=summary.get("target_density"), point=summary.get("point") or "act")
+                      target_density=summary.get("target_density"), point=summary.get("point") or "act",
+                      neurons=neurons or None)
 
 
 def applied_thresholds(model: nn.Module) -> dict | None:

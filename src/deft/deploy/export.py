@@ -144,6 +144,8 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
     record = applied_method(model)
     thresholds = {path: m.tau for path, m in thresholded_modules(model).items()}
     threshold_summary = applied_thresholds(model)
+    current = current_thresholds(model)
+    neuron_masks = current.neurons if current is not None else None
     if adaptive_weights(model) is None:
         threshold = None  # no α: nothing can be chosen for skipping, the export only merges
     model, _, info = prepare_for_inference(model, threshold, merge=True)
@@ -172,7 +174,8 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
         "skip_threshold": threshold, "skipped": [s.to_dict() for s in removed], "alphas": info["alphas"],
         "lora_merged": info["merged"], "alphas_folded": info["alphas_folded"], "weights_variant": variant,
         "peft_dir": peft_dir,
-        "thresholds": {**threshold_summary, "taus": thresholds} if thresholds else None,
+        "thresholds": {**threshold_summary, "taus": thresholds, **({"neurons": neuron_masks} if neuron_masks else {})}
+        if thresholds else None,
         "load_with": ("transformers" if peft_dir is None else "transformers + peft") if not structured
         else "deft.deploy.load_exported",
         "parameters": sum(p.numel() for p in unwrap_model(model).parameters()),
@@ -260,7 +263,7 @@ def load_exported(directory: str | Path, sparse_mlp: bool | None = None) -> nn.M
     if info.get("thresholds"):
         th = info["thresholds"]
         apply_thresholds(model, Thresholds(taus=th["taus"], mode=th["mode"], target_density=th["target_density"],
-                                           point=th["point"]))
+                                           point=th["point"], neurons=th.get("neurons")))
     model.requires_grad_(False)
     model.eval()
     _swap_sparse_mlps(model, info, sparse_mlp)

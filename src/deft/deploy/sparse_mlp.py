@@ -114,6 +114,9 @@ class SparseMLP(nn.Module):
             raise ValueError("the block's thresholds sit on the gated product (--point product); SparseMLP "
                              "thresholds the gate: calibrate at --point act for the kernel")
         act_module = children[act]
+        if getattr(act_module, "keep", None) is not None:
+            raise ValueError("the block's thresholds carry a neuron mask (--train-density-form neuron): remove those "
+                             "neurons with `deft shrink` (a smaller dense model) rather than skipping them per token")
         inner, own_tau = act_module, 0.0
         if isinstance(act_module, ThresholdedActivation):
             inner, own_tau = act_module.inner, act_module.tau

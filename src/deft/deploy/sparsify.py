@@ -28,8 +28,8 @@ from ..adaptive import adaptive_weights
 from ..core.batches import call_model, model_device, move_batch
 from ..core.capture import ActivationCapture
 from ..core.sites import find_sites
-from ..core.thresholds import (MagnitudeSampler, Thresholds, apply_thresholds, quantile_of_magnitudes,
-                               remove_thresholds)
+from ..core.thresholds import (MagnitudeSampler, Thresholds, apply_thresholds, current_thresholds,
+                               quantile_of_magnitudes, remove_thresholds)
 from ..training import RunDir, TrainConfig, load_run, task_runner
 from .greedy import RowSampler, greedy_taus
 
@@ -52,6 +52,21 @@ def check_request(density: float | None, tau: float | None, mode: str, calibrati
         raise ValueError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     if calibration_samples < 1:
         raise ValueError(f"--calibration-samples must be >= 1, got {calibration_samples}")
+
+
+def neuron_masks(model: nn.Module) -> dict[str, list[int]] | None:
+    """The neuron masks ``model``'s thresholds carry (a ``--train-density-form neuron`` run), if any."""
+    current = current_thresholds(model)
+    return current.neurons if current is not None else None
+
+
+def reset_thresholds(model: nn.Module, masks: dict[str, list[int]] | None) -> nn.Module:
+    """``model`` without thresholds, but with its neuron masks: those neurons are gone from the
+    model the run trained, so calibrating afresh starts from them (τ = 0 elsewhere)."""
+    remove_thresholds(model)
+    if masks:
+        apply_thresholds(model, Thresholds(taus={p: 0.0 for p in masks}, mode="trained", neurons=masks))
+    return model
 
 
 class Calibration:
@@ -135,7 +150,7 @@ def global_tau(values: Sequence[torch.Tensor], density: float, iterations: int =
 def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, density: float | None = None,
                       tau: float | None = None, mode: str = "uniform", tokens: int = 0, samples: int = 0,
                       model: nn.Module | None = None, calibration: Calibration | None = None,
-                      point: str = "act") -> Thresholds:
+                      point: str = "act", neurons: dict[str, list[int]] | None = None) -> Thresholds:
     """Thresholds for these sites from their calibration magnitudes (module doc); ``greedy`` also
     needs the model and a calibration with rows."""
     if tau is not None:
@@ -151,7 +166,7 @@ def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, d
         one = global_tau(values, density)
         taus = {p: one for p in paths}
     calibrated = {p: density_at(v, taus[p]) for p, v in zip(paths, values)}
-    return Thresholds(taus=taus, mode=mode, target_density=density, point=point, calibration={
+    return Thresholds(taus=taus, mode=mode, target_density=density, point=point, neurons=neurons, calibration={
         "samples": samples, "tokens": tokens, "per_layer_density": calibrated,
         "density": sum(calibrated.values()) / len(calibrated) if calibrated else None})
 
@@ -180,12 +195,13 @@ def sparsify_run(run: str, output: str, *, density: float | None = None, tau: fl
     runner = task_runner(config)
     options = dict(max_samples=max_samples, batch_size=batch_size, data_dir=data_dir, progress=progress)
     before = evaluation_summary(runner, model, tokenizer, **options)
-    remove_thresholds(model)
+    masks = neuron_masks(model)
+    reset_thresholds(model, masks)
     calibration = calibrate(model, tokenizer, config, samples=calibration_samples, data_dir=data_dir,
                             rows=mode == "greedy" and tau is None, point=point)
     thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=density, tau=tau, mode=mode,
                                    tokens=calibration.tokens, samples=calibration_samples, model=model,
-                                   calibration=calibration, point=point)
+                                   calibration=calibration, point=point, neurons=masks)
     apply_thresholds(model, thresholds)
     after = evaluation_summary(task_runner(replace(config, site_point=point)), model, tokenizer, **options)
     source.derive(output)

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.thresholds import apply_thresholds, remove_thresholds
+from ..core.thresholds import apply_thresholds
 from ..training import RunDir, load_run, task_runner
-from .sparsify import DEFAULT_CALIBRATION_SAMPLES, MODES, calibrate, choose_thresholds, evaluation_summary
+from .sparsify import (DEFAULT_CALIBRATION_SAMPLES, MODES, calibrate, choose_thresholds, evaluation_summary,
+                       neuron_masks, reset_thresholds)
 
 DEFAULT_DENSITIES = (1.0, 0.5, 0.4, 0.3, 0.2, 0.1)
 
@@ -43,19 +44,20 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
     for run in runs:
         config, model, tokenizer = load_run(run)
         runner = task_runner(config)
-        remove_thresholds(model)  # each target calibrated afresh, from the untouched model
+        masks = neuron_masks(model)  # a neuron-form run's removed neurons stay removed
+        reset_thresholds(model, masks)  # each target calibrated afresh, from the untouched model
         calibration = calibrate(model, tokenizer, config, samples=calibration_samples, data_dir=data_dir,
                                 rows=mode == "greedy", point=point)
         runner = task_runner(replace(config, site_point=point))  # density read where the zeros are
         options = dict(max_samples=max_samples, batch_size=batch_size, data_dir=data_dir, progress=progress)
         points = []
         for target in targets:
-            remove_thresholds(model)
+            reset_thresholds(model, masks)
             thresholds = None
             if target < 1:
                 thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=target, mode=mode,
                                                tokens=calibration.tokens, samples=calibration_samples, model=model,
-                                               calibration=calibration, point=point)
+                                               calibration=calibration, point=point, neurons=masks)
                 apply_thresholds(model, thresholds)
             result = evaluation_summary(runner, model, tokenizer, **options)
             points.append({"target_density": target, "deployed_density": result["density"],

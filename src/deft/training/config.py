@@ -87,6 +87,7 @@ class TrainConfig:
     train_density_start: float = 1.0  # ... ramped linearly from this density
     train_density_ramp: float = 0.5  # ... over this share of the steps
     tau_every: int = 10  # steps between re-calibrations of the in-loop thresholds
+    train_density_form: str = "token"  # the in-loop zeros: entries |a| ≤ τ ("token") or whole neurons ("neuron")
     ste: bool = True  # straight-through gradient at the zeroed entries (False: blocked, as ReLU)
 
     def __post_init__(self):
@@ -116,6 +117,8 @@ class TrainConfig:
                 raise ValueError(f"train_density_start must lie in [train_density, 1], got {self.train_density_start}")
             if not 0 <= self.train_density_ramp <= 1:
                 raise ValueError(f"train_density_ramp is a share of the steps in [0, 1], got {self.train_density_ramp}")
+            if self.train_density_form not in ("token", "neuron"):
+                raise ValueError(f"unknown train_density_form {self.train_density_form!r}; choose token or neuron")
             if self.tau_every < 1:
                 raise ValueError(f"tau_every must be >= 1, got {self.tau_every}")
 

@@ -7,6 +7,11 @@
   ramps linearly from ``start`` to ``target`` over the first ``ramp`` share of the steps
   (:class:`ThresholdSchedule`). The final τ are saved with the run, so the trained run loads as a
   thresholded one — the deployed model is the one that trained.
+  With ``form="neuron"`` the zeros are whole neurons instead of entries: each block keeps the
+  neurons of largest root-mean-square over the step's real tokens, the others are 0 on every
+  token. The mask is re-chosen while the target ramps and fixed from the end of the ramp, so the
+  rest of training adapts to the neurons the deployed model keeps; ``deft shrink`` then removes
+  the others exactly — a smaller dense model at every batch size (encoders).
 * **ε annealing** — the ℓ0-ε term's ε goes geometrically from ``eps`` to ``eps_final``
   (:class:`EpsilonSchedule`): a large ε pulls on every activation early, a small one pushes the
   last ones to zero.
@@ -14,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -24,6 +30,9 @@ from ..core.layers import set_module, unwrap_model
 from ..core.sites import SiteMap
 from ..core.thresholds import (MagnitudeSampler, ThresholdedActivation, Thresholds, quantile_of_magnitudes,
                                threshold_path)
+
+
+FORMS = ("token", "neuron")  # what the in-loop zeros are: entries |a| ≤ τ, or whole neurons
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -39,8 +48,9 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class InLoopThreshold(ThresholdedActivation):
-    """σ with |a| ≤ τ set to 0 in the forward; the gradient passes straight through the zeroed
-    entries when ``ste`` (else it is blocked there, as a ReLU blocks it). τ = 0: σ unchanged."""
+    """σ with |a| ≤ τ (and, given a neuron mask ``keep``, every neuron outside it) set to 0 in the
+    forward; the gradient passes straight through the zeroed entries when ``ste`` (else it is
+    blocked there, as a ReLU blocks it). τ = 0 and no mask: σ unchanged."""
 
     def __init__(self, inner: nn.Module, ste: bool = True, target: float | None = None):
         super().__init__(inner, 0.0, {"mode": "in-loop", "target_density": target, "point": "act"})
@@ -48,21 +58,57 @@ class InLoopThreshold(ThresholdedActivation):
 
     def forward(self, *args, **kwargs):
         a = self.inner(*args, **kwargs)
-        if self.tau <= 0:
+        if self.tau <= 0 and self.keep is None:
             return a
-        keep = (a.abs() > self.tau).to(a.dtype)
+        keep = a.abs() > self.tau
+        if self.keep is not None:
+            self.keep = self.keep.to(a.device)
+            keep = keep & self.keep
+        keep = keep.to(a.dtype)
         return _StraightThrough.apply(a, keep) if self.ste and self.training else a * keep
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau:.6g}, ste={self.ste}"
+        kept = "" if self.keep is None else f", neurons={int(self.keep.sum())}/{self.keep.numel()}"
+        return f"tau={self.tau:.6g}{kept}, ste={self.ste}"
+
+
+class NeuronEnergy:
+    """Per site and neuron: the sum of a² over real tokens, and the tokens counted; a meter fed
+    by :class:`~deft.core.capture.ActivationCapture` (the neuron form's ranking)."""
+
+    def __init__(self, widths: list[int]):
+        self.squares = [torch.zeros(w, dtype=torch.float64) for w in widths]
+        self.tokens = [0] * len(widths)
+
+    @torch.no_grad()
+    def update(self, index: int, act: torch.Tensor, mask: torch.Tensor) -> None:
+        values = act[mask].double()
+        self.squares[index] += values.pow(2).sum(0).cpu()
+        self.tokens[index] += values.shape[0]
+
+    def end_sequences(self) -> None:
+        pass
+
+    def top(self, index: int, density: float) -> torch.Tensor:
+        """The bool mask keeping the ⌈density · width⌉ neurons of largest RMS (ties: lower index)."""
+        squares = self.squares[index]
+        count = min(squares.numel(), max(1, math.ceil(density * squares.numel() - 1e-9)))
+        keep = torch.zeros(squares.numel(), dtype=torch.bool)
+        keep[torch.sort(-squares, stable=True).indices[:count]] = True
+        return keep
 
 
 def add_in_loop_thresholds(model: nn.Module, sites: SiteMap, ste: bool = True,
-                           target: float | None = None) -> dict[str, InLoopThreshold]:
+                           target: float | None = None, form: str = "token") -> dict[str, InLoopThreshold]:
     """Wrap σ of every site (inside ADA's α, as deployed thresholds sit) in :class:`InLoopThreshold`."""
+    if form not in FORMS:
+        raise ValueError(f"unknown train-density form {form!r}; choose one of {FORMS}")
     base = unwrap_model(model)
     out = {}
     for site in sites:
+        if form == "neuron" and site.experts:
+            raise ValueError(f"{site.module} holds routed experts: a neuron mask shared by every expert is not "
+                             "a neuron removal; use --train-density-form token")
         path = threshold_path(base, site.module)
         module = InLoopThreshold(base.get_submodule(path), ste, target)
         set_module(base, path, module)
@@ -73,12 +119,15 @@ def add_in_loop_thresholds(model: nn.Module, sites: SiteMap, ste: bool = True,
 def to_deployed(model: nn.Module, modules: dict[str, InLoopThreshold], target: float) -> Thresholds:
     """Replace the in-loop wrappers by plain thresholds with their final τ; returns them as data."""
     base = unwrap_model(model)
-    thresholds = Thresholds(taus={p: m.tau for p, m in modules.items()}, mode="trained", target_density=target)
+    neurons = {p: m.kept_neurons() for p, m in modules.items() if m.keep is not None}
+    thresholds = Thresholds(taus={p: m.tau for p, m in modules.items()}, mode="trained", target_density=target,
+                            neurons=neurons or None)
     for site_path in modules:
         path = threshold_path(base, site_path)
         wrapper = base.get_submodule(path)
         if isinstance(wrapper, InLoopThreshold):
-            set_module(base, path, ThresholdedActivation(wrapper.inner, wrapper.tau, thresholds.summary()))
+            set_module(base, path, ThresholdedActivation(wrapper.inner, wrapper.tau, thresholds.summary(),
+                                                         wrapper.keep))
     return thresholds
 
 
@@ -89,34 +138,49 @@ def _callback_base():
 
 
 def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLoopThreshold], *, target: float,
-                       start: float = 1.0, ramp: float = 0.5, every: int = 10, total_steps: int = 1):
+                       start: float = 1.0, ramp: float = 0.5, every: int = 10, total_steps: int = 1,
+                       form: str = "token"):
     """A ``TrainerCallback`` re-calibrating the in-loop thresholds (module doc)."""
     inner_sites = [replace(s, module=f"{threshold_path(unwrap_model(model), s.module)}.inner") for s in sites]
+    ramp_steps = max(1, int(ramp * total_steps))
 
     class ThresholdSchedule(_callback_base()):
         def __init__(self):
             self.capture: ActivationCapture | None = None
-            self.sampler: MagnitudeSampler | None = None
+            self.meter: MagnitudeSampler | NeuronEnergy | None = None
+            self.seen = False
 
         def density_at(self, step: int) -> float:
-            ramp_steps = max(1, int(ramp * total_steps))
             return target + (start - target) * max(0.0, 1 - step / ramp_steps)
 
+        def due(self, step: int) -> bool:
+            if not self.seen:  # the first step of this process (a resumed run's τ / masks are not checkpointed)
+                return True
+            if form == "neuron":  # masks move while the target ramps, then stay: the model adapts to them
+                return step <= ramp_steps and (step % every == 0 or step == ramp_steps)
+            return step % every == 0
+
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step % every == 0:
+            if self.due(state.global_step):
                 # σ's own output (inside the threshold), on real tokens of this step's batches
-                self.sampler = MagnitudeSampler(len(inner_sites))
+                self.meter = MagnitudeSampler(len(inner_sites)) if form == "token" else \
+                    NeuronEnergy([s.width for s in sites])
                 self.capture = ActivationCapture(model, SiteMap(tuple(inner_sites), sites.family, sites.model_type,
-                                                                "act"), meter=self.sampler).attach()
+                                                                "act"), meter=self.meter).attach()
+            self.seen = True
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.capture is None:
                 return
             self.capture.detach()
             density = self.density_at(state.global_step)
-            for site, values in zip(sites, self.sampler.result(seed=state.global_step)):
-                modules[site.module].tau = quantile_of_magnitudes(values, 1 - density) if density < 1 else 0.0
-            self.capture = self.sampler = None
+            if form == "neuron":
+                for index, site in enumerate(sites):
+                    modules[site.module].keep = self.meter.top(index, density) if density < 1 else None
+            else:
+                for site, values in zip(sites, self.meter.result(seed=state.global_step)):
+                    modules[site.module].tau = quantile_of_magnitudes(values, 1 - density) if density < 1 else 0.0
+            self.capture = self.meter = None
 
     return ThresholdSchedule()
 
