@@ -265,6 +265,7 @@ def test_neuron_form_run_saves_its_masks_and_shrinks_to_them(tiny_bert_dir, shar
     summary = json.loads((tmp_path / "shrunk" / RunDir.SHRINK).read_text())["summary"]
     assert all(r["width_after"] <= len(saved["neurons"][r["site"]]) for r in summary["layers"])
     _, shrunk, _ = load_run(tmp_path / "shrunk")
+    assert all(m.keep is None for m in thresholded_modules(shrunk).values())  # every neuron left is kept: no mask
     with torch.no_grad():
         torch.testing.assert_close(shrunk(**batch).logits, want, atol=1e-5, rtol=0)
 

@@ -129,7 +129,8 @@ def remove_neurons(model: nn.Module, keep: Mapping[str, torch.Tensor],
             set_module(base, getattr(site, role), _new_dense(layer, weight, bias))
         activation = base.get_submodule(threshold_path(base, path))
         if getattr(activation, "keep", None) is not None:  # a neuron mask follows its neurons
-            activation.keep = activation.keep.to(indices.device).index_select(0, indices)
+            keep = activation.keep.to(indices.device).index_select(0, indices)
+            activation.keep = None if bool(keep.all()) else keep  # all kept: no mask left to apply
     if bias_delta:
         raise ValueError(f"bias deltas for {sorted(bias_delta)[:3]} without kept neurons: give keep for those sites")
     return model

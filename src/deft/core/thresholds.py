@@ -44,6 +44,8 @@ class ThresholdedActivation(ActivationWrapper):
 
     def forward(self, *args, **kwargs):
         a = self.inner(*args, **kwargs)
+        if self.tau <= 0 and self.keep is None:
+            return a  # τ = 0 zeroes only what is 0 already: a shrunk neuron-form run pays no mask
         drop = a.abs() <= self.tau
         if self.keep is not None:
             self.keep = self.keep.to(a.device)
