@@ -1,6 +1,8 @@
 """Shrunk DEFT vs PEFT on MiniLM SST-2 dev: throughput at batch 1 and 32, and the metric both sides.
 
-The DEFT run is thresholded (``deft sparsify`` at ``--density``, or its own thresholds from
+The DEFT run (by default the threshold in the loop with whole neurons as the zeros,
+``--train-density 0.1 --train-density-form neuron``: the training that silences neurons for the
+whole task, which removing them needs) is thresholded (``deft sparsify`` at ``--density``, or its own thresholds from
 ``--train-density`` when ``--density`` is not given), then shrunk (``deft shrink``: the MLP
 neurons never active on ``--calibration-samples`` training examples removed). The PEFT run is the
 plain dense model, LoRA merged, no thresholds: what would be deployed without DEFT. Both are
@@ -12,12 +14,11 @@ Rows: ``batch_size``, ``throughput_ratio`` (sentences/s shrunk / PEFT), ``metric
 ``metric_peft`` (points), ``neurons_removed_share``, ``blocks_removed`` (MLP blocks left with no
 neuron), plus the medians. The source runs are only read; the thresholded and shrunk runs go
 under ``--runs-dir`` and are reused. Without ``--peft-run`` / ``--deft-run`` the runs are trained
-there (``lib.runs.run_or_reuse``; DEFT with the sequence-shared density term). Writes
-``benchmarks/results/shrink.json``::
+there (``lib.runs.run_or_reuse``, the main job's budget). Writes ``benchmarks/results/shrink.json``::
 
     DEFT_DATA_DIR=../shared/data python benchmarks/shrink.py \\
-        --peft-run runs/deployed_density/sst2/peft+thresholds \\
-        --deft-run runs/deployed_density/sst2/deft+density_form=sequence --density 0.1
+        --peft-run runs/deployed_density/sst2/e1-n2000/peft+thresholds \\
+        --deft-run runs/deployed_density/sst2/e1-n2000/peft+train_density=0.1+form=neuron
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,9 +51,9 @@ def source_runs(args) -> tuple[Path, Path]:
         peft = runs / "peft"
         run_or_reuse(TrainConfig(task="sst2", mode="peft", data_dir=args.data_dir), peft, note="sst2 ")
     if deft is None:
-        deft = runs / "deft+density_form=sequence"
-        base = TrainConfig(task="sst2", mode="deft", data_dir=args.data_dir)
-        run_or_reuse(replace(base, density=replace(base.density, form="sequence")), deft, note="sst2 ")
+        deft = runs / "peft+train_density=0.1+form=neuron"
+        run_or_reuse(TrainConfig(task="sst2", mode="peft", train_density=0.1, train_density_form="neuron",
+                                 data_dir=args.data_dir), deft, note="sst2 ")
     for run in (peft, deft):
         RunDir(run).check()
     return Path(peft), Path(deft)

@@ -35,14 +35,18 @@ def test_readme_caption_numbers_are_the_benchmark_s():
     readme = (ROOT / "README.md").read_text()
     rows = json.loads((ROOT / "benchmarks" / "results" / "deployed_density.json").read_text())["rows"]
 
-    def row(variant, target):
-        return next(r for r in rows if r["task"] == "sst2" and r["variant"] == variant and r["target_density"] == target)
+    def row(variant, target, epochs=1.0):
+        # The README quotes the main job's 2,000 examples, for one epoch (63 steps) or three (189).
+        return next(r for r in rows if r["task"] == "sst2" and r["variant"] == variant and r["target_density"] == target
+                    and r.get("epochs") == epochs and r.get("max_train_samples") == 2000)
 
     caption = readme[readme.index("![accuracy"):readme.index("## Commands")]
     quoted = re.findall(r"(\d+\.\d+) %", caption)
     want = [row("peft+thresholds", 0.1)["metric"], 100 * row("peft+thresholds", 0.1)["deployed_density"],
             row("peft+thresholds", 1.0)["metric"], row("peft+train_density=0.1", 0.1)["metric"],
-            100 * row("peft+train_density=0.1", 0.1)["deployed_density"]]
+            100 * row("peft+train_density=0.1", 0.1)["deployed_density"],
+            row("peft+train_density=0.1", 0.1, 3.0)["metric"], 100 * row("peft+train_density=0.1", 0.1, 3.0)["deployed_density"],
+            row("peft+thresholds", 1.0, 3.0)["metric"]]
     assert [float(q) for q in quoted] == [round(w, 2 if w >= 10 else 1) for w in want]
 
 
@@ -52,3 +56,42 @@ def test_docs_are_in_the_repository_and_linked():
         assert (ROOT / "docs" / f"{doc}.md").is_file() and f"docs/{doc}.md" in readme
     for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         assert "METHOD.md" not in path.read_text(), f"{path.name} sends readers to a file outside the repository"
+
+
+def test_deployed_density_summary_is_the_average_of_its_rows():
+    # The headline (≥ 50 % deployed-density change within 0.5 point) recomputed from the rows by hand:
+    # eq. 10 per task against the dense PEFT row of the same task and budget, tasks that learned only.
+    import json
+
+    payload = json.loads((ROOT / "benchmarks" / "results" / "deployed_density.json").read_text())
+    rows, budgets = payload["rows"], payload["budgets"]
+
+    def at_budget(r):
+        return all(r.get(k) == v for k, v in budgets[r["task"]].items()) and \
+            r.get("learning_rate") == budgets[r["task"]].get("learning_rate")
+
+    for entry in payload["summary"]:
+        changes, deltas = [], []
+        for task in entry["tasks"]:
+            mine = [r for r in rows if r["task"] == task and r["model"] == "minilm" and at_budget(r)]
+            dense = next(r for r in mine if r["variant"] == "peft+thresholds" and r["target_density"] == 1.0)
+            row = next(r for r in mine if r["variant"] == entry["variant"] and r["target_density"] == entry["target_density"])
+            assert row["learned"] and dense["learned"]
+            changes.append(1 - row["deployed_density"] / dense["deployed_density"])
+            deltas.append(row["metric"] - dense["metric"])
+        assert abs(entry["avg_density_change"] - sum(changes) / len(changes)) < 1e-9
+        assert abs(entry["avg_metric_delta"] - sum(deltas) / len(deltas)) < 1e-9
+        assert entry["meets_target"] == (entry["avg_density_change"] >= 0.5 and entry["avg_metric_delta"] >= -0.5)
+
+
+def test_readme_shrink_numbers_are_the_benchmark_s():
+    import json
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    shrink = json.loads((ROOT / "benchmarks" / "results" / "shrink.json").read_text())
+    batch32 = next(r for r in shrink["rows"] if r["batch_size"] == 32)
+    removed, faster = re.search(r"removes (\d+) % of the MLP neurons and the smaller dense model runs (\d+\.\d+)×",
+                                readme.replace("\n", " ")).groups()
+    assert int(removed) == round(100 * batch32["neurons_removed_share"])
+    assert float(faster) == round(batch32["throughput_ratio"], 1)
