@@ -12,7 +12,9 @@ import torch
 from conftest import build, make_inputs, make_model
 
 from deft.cli import main
+from deft.core.capture import ActivationCapture
 from deft.core.layers import unwrap_model, weight_out_in
+from deft.core.metrics import DensityMeter
 from deft.core.neurons import NeuronRemoval, apply_removal, check_removable, mlp_parameters, remove_neurons
 from deft.core.sites import find_sites
 from deft.core.thresholds import Thresholds, apply_thresholds
@@ -73,7 +75,7 @@ def test_removing_dead_neurons_keeps_the_outputs(family, tmp_path):
         apply_removal(model, removal)  # already smaller
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", (*FAMILIES, "opt"))  # OPT's MLP sees (B·T, h) activations
 def test_a_block_with_every_neuron_dead_goes_to_width_zero(family):
     model = make_model(family)
     site = find_sites(model, "act").sites[0]
@@ -86,8 +88,15 @@ def test_a_block_with_every_neuron_dead_goes_to_width_zero(family):
     plan = plan_removal(model, measure_activity(model, [inputs]))
     assert plan.kept[site.module].numel() == 0
     remove_neurons(model, plan.kept, plan.bias_delta)
-    assert find_sites(model, "act").sites[0].width == 0
+    sites = find_sites(model, "act")
+    assert sites.sites[0].width == 0
     torch.testing.assert_close(_logits(model, inputs), want, atol=1e-5, rtol=0)
+    # measuring the shrunk model (deft eval / density) counts the empty block as 0 neurons, 0 active
+    meter = DensityMeter(sites.sites)
+    with ActivationCapture(model, sites, meter=meter), torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, want, atol=1e-5, rtol=0)
+    assert meter.counts[0].elements == meter.counts[0].nonzero == 0 and meter.counts[1].nonzero > 0
+    assert meter.counts[0].tokens == meter.counts[1].tokens > 0
 
 
 def test_the_folded_bias_is_the_mean_contribution_by_hand():

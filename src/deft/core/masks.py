@@ -19,6 +19,8 @@ The capture hooks (loss and density) and the energy model both read masks throug
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Mapping
 
@@ -83,9 +85,9 @@ def align_mask(act: torch.Tensor, mask: torch.Tensor | None, batch_size: int | N
         rows = batch_size or (mask.shape[0] if mask is not None else 1)
         if act.shape[0] % rows:
             raise RuntimeError(f"cannot unflatten activation of shape {tuple(act.shape)} into batch {rows}")
-        act = act.reshape(rows, -1, width)
+        act = act.reshape(rows, act.shape[0] // rows, width)  # no -1: a shrunk block may have width 0
     elif act.dim() != 3:
-        act = act.reshape(act.shape[0], -1, width)
+        act = act.reshape(act.shape[0], math.prod(act.shape[1:-1]), width)
     batch, positions = act.shape[:2]
     if mask is None:
         return act, torch.ones(batch, positions, dtype=torch.bool, device=act.device)
