@@ -20,7 +20,6 @@ The capture hooks (loss and density) and the energy model both read masks throug
 from __future__ import annotations
 
 import math
-
 import re
 from collections.abc import Mapping
 
