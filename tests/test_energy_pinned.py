@@ -10,10 +10,17 @@ data-dependent counts). Every per-layer count must match exactly.
 
 Regenerate only from a reference implementation, never from the code under test:
 ``python tests/test_energy_pinned.py --write`` with the original estimator checked out.
+
+QLoRA's 4-bit weights are dequantised by bitsandbytes' CPU kernels, which give other values on
+other CPUs (the weights above the zero test differ: 13 of q_proj's 1,024 on one machine, none on
+another), so its counts are pinned per weight fingerprint (``variants``: fingerprint → counts, each
+computed by the original implementation on a machine whose bitsandbytes gives those weights);
+a machine whose fingerprint is not listed is compared against the first recording.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -68,13 +75,29 @@ def _batches(family: str) -> list[dict]:
             make_inputs(family, batch=1, length=5, seed=1)]
 
 
+def weight_fingerprint(model) -> str | None:
+    """A hash of the model's 4-bit weights as bitsandbytes dequantises them here (None: none)."""
+    digest, found = hashlib.sha256(), False
+    for name, module in sorted(model.named_modules(), key=lambda item: item[0]):
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit":
+            import bitsandbytes.functional as bnbf
+
+            found = True
+            digest.update(name.encode())
+            digest.update(bnbf.dequantize_4bit(weight.data, weight.quant_state).float().numpy().tobytes())
+    return digest.hexdigest()[:16] if found else None
+
+
 def measure(case: str, threshold: float | None) -> dict:
     family, method, _ = CASES[case]
     config = EnergyConfig() if threshold is None else EnergyConfig(zero_threshold=threshold)
     torch.manual_seed(0)
-    report = estimate_energy(_model(family, method), _batches(family), config)
+    model = _model(family, method)
+    report = estimate_energy(model, _batches(family), config)
     return {"rows": {f"{r['name']}|{r['kind']}|{r['calls']}": [r[f"n_{f}"] for f in FIELDS] for r in report.per_layer},
-            "batch_ratios": report.batch_ratios, "tokens": report.tokens, "skipped": report.skipped}
+            "batch_ratios": report.batch_ratios, "tokens": report.tokens, "skipped": report.skipped,
+            "fingerprint": weight_fingerprint(model)}
 
 
 def _params():
@@ -92,6 +115,7 @@ def test_counts_match_the_original_per_call_implementation(case, threshold, one_
         pytest.importorskip("bitsandbytes")
     expected = json.loads(PINNED.read_text())[case][_key(threshold)]
     got = measure(case, threshold)
+    expected = expected.get("variants", {}).get(got["fingerprint"], expected)
     assert list(got["rows"]) == list(expected["rows"])  # same modules, kinds and calls, same order
     for name, counts in expected["rows"].items():
         assert got["rows"][name] == counts, name
