@@ -40,12 +40,13 @@ def cmd_load(args) -> int:
     from ..deploy import load_exported, model_bytes, read_export_info
 
     info = read_export_info(args.export)
-    model = load_exported(args.export)
-    from ..deploy import SparseMLP
+    model = load_exported(args.export, int8_head=args.int8_head)
+    from ..deploy import Int8LMHead, SparseMLP
 
     payload = {"dir": str(args.export), "class": type(model).__name__, "method": info["method"],
                "skipped": [s["module"] for s in info["skipped"]],
                "sparse_mlp_blocks": sum(isinstance(m, SparseMLP) for m in model.modules()),
+               "int8_lm_head": any(isinstance(m, Int8LMHead) for m in model.modules()),
                "parameters": sum(p.numel() for p in model.parameters()), "param_bytes": model_bytes(model)}
     print(json.dumps(payload, indent=2))
     return 0
@@ -219,6 +220,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("load", help="load a `deft export` directory and print what it holds")
     p.add_argument("--export", "--dir", required=True, metavar="DIR", help="directory written by `deft export`")
+    p.add_argument("--int8-head", action="store_true",
+                   help="LM head as int8 rows for batch-1 decoding, float32 argmax kept exact (default: off)")
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("bench-inference",

@@ -146,6 +146,7 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
     threshold_summary = applied_thresholds(model)
     current = current_thresholds(model)
     neuron_masks = current.neurons if current is not None else None
+    neuron_fill = current.fill if current is not None else None
     if adaptive_weights(model) is None:
         threshold = None  # no α: nothing can be chosen for skipping, the export only merges
     model, _, info = prepare_for_inference(model, threshold, merge=True)
@@ -174,7 +175,8 @@ def export_model(model: nn.Module, out_dir: str | Path, threshold: float | None 
         "skip_threshold": threshold, "skipped": [s.to_dict() for s in removed], "alphas": info["alphas"],
         "lora_merged": info["merged"], "alphas_folded": info["alphas_folded"], "weights_variant": variant,
         "peft_dir": peft_dir,
-        "thresholds": {**threshold_summary, "taus": thresholds, **({"neurons": neuron_masks} if neuron_masks else {})}
+        "thresholds": {**threshold_summary, "taus": thresholds, **({"neurons": neuron_masks} if neuron_masks else {}),
+                       **({"fill": neuron_fill} if neuron_fill else {})}
         if thresholds else None,
         "load_with": ("transformers" if peft_dir is None else "transformers + peft") if not structured
         else "deft.deploy.load_exported",
@@ -227,7 +229,7 @@ def _build_reduced(model: nn.Module, info: dict) -> None:
                                                                 cfg["reduction_factor"], cfg["non_linearity"]))
 
 
-def load_exported(directory: str | Path, sparse_mlp: bool | None = None) -> nn.Module:
+def load_exported(directory: str | Path, sparse_mlp: bool | None = None, int8_head: bool = False) -> nn.Module:
     """Load a directory written by :func:`export_run` (``deft export``), in eval mode.
 
     Plain exports go through ``from_pretrained``; reduced ones through a subclass of the
@@ -238,6 +240,8 @@ def load_exported(directory: str | Path, sparse_mlp: bool | None = None) -> nn.M
     kernel for batch-1 decoding; prefill and batches take the dense path, the same math). None
     (default): for thresholded decoder-only models, where every block is covered — otherwise the
     dense path with a one-line notice; True: required (ValueError if it cannot be done); False: never.
+    ``int8_head``: the LM head as :class:`~deft.deploy.int8_head.Int8LMHead` (int8 rows for one
+    decoding token, the float32 argmax kept exact; ValueError for a model without one).
     """
     import transformers
 
@@ -263,10 +267,14 @@ def load_exported(directory: str | Path, sparse_mlp: bool | None = None) -> nn.M
     if info.get("thresholds"):
         th = info["thresholds"]
         apply_thresholds(model, Thresholds(taus=th["taus"], mode=th["mode"], target_density=th["target_density"],
-                                           point=th["point"], neurons=th.get("neurons")))
+                                           point=th["point"], neurons=th.get("neurons"), fill=th.get("fill")))
     model.requires_grad_(False)
     model.eval()
     _swap_sparse_mlps(model, info, sparse_mlp)
+    if int8_head:
+        from .int8_head import quantize_lm_head
+
+        quantize_lm_head(model)
     return model
 
 

@@ -24,6 +24,7 @@
 namespace {
 
 constexpr int64_t kLine = 16;  // floats per 64-byte cache line
+constexpr int64_t kLead = 4;   // rows of W_up asked for ahead of the one being summed
 
 void check_vector(const torch::Tensor& t, const char* name, int64_t size) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
@@ -102,6 +103,8 @@ torch::Tensor sparse_mlp_forward(const torch::Tensor& x, const torch::Tensor& a,
     if (wu) {
 #pragma omp for schedule(static)
       for (int64_t j = 0; j < k; ++j) {
+        // The rows are gapped: without asking ahead, each one waits for memory.
+        if (j + kLead < k) prefetch(wu + ip[j + kLead] * d, d);
         const float* row = wu + ip[j] * d;
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
