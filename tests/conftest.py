@@ -22,6 +22,11 @@ import pytest
 import torch
 import transformers as T
 
+# Without a CUDA device the Triton kernels run in Triton's CPU interpreter (test_triton_mlp.py);
+# Triton reads this when it is imported, so it is set before anything can import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # -- data ------------------------------------------------------------------------------------
 # The data root (it holds glue/ and squad/): $DEFT_DATA_DIR when set, else the checkout's sibling
 # ../shared/data. When the variable is set the caller says the data is there (CI does), so tests

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deft.core.sites import find_sites
-from deft.core.thresholds import ThresholdedActivation, Thresholds, apply_thresholds
+from deft.core.thresholds import InputThreshold, ThresholdedActivation, Thresholds, apply_thresholds
 from deft.deploy import sparse_kernel
 from deft.deploy.sparse_mlp import SparseMLP, sparsify_mlps
 
@@ -179,21 +179,38 @@ def calibrated_taus(model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
     return taus
 
 
+def calibrated_product_taus(model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """Per product site (a down projection), the median |input| on the prompt."""
+    taus, hooks = {}, []
+    for site in find_sites(model, "product"):
+        def hook(_m, args, path=site.module):
+            taus[path] = float(args[0].abs().median())
+        hooks.append(model.get_submodule(site.module).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return taus
+
+
+@pytest.mark.parametrize("point", ["act", "product"])
 @pytest.mark.parametrize("source", ["model", "explicit"])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-def test_sparsified_model_generates_as_thresholded_dense(backend, family, source, monkeypatch):
+def test_sparsified_model_generates_as_thresholded_dense(backend, family, source, point, monkeypatch):
     ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
     dense = make_model(family)
-    thresholds = Thresholds(taus=calibrated_taus(dense, ids), mode="tau")
+    calibrate = calibrated_taus if point == "act" else calibrated_product_taus
+    thresholds = Thresholds(taus=calibrate(dense, ids), mode="tau", point=point)
     apply_thresholds(dense, thresholds)
     sparse = make_model(family)
-    if source == "model":  # taus read from the model's ThresholdedActivation modules
+    if source == "model":  # taus read from the model's own thresholds
         apply_thresholds(sparse, thresholds)
         sparsify_mlps(sparse, backend=backend)
     else:
         sparsify_mlps(sparse, thresholds, backend=backend)
     blocks = [m for m in sparse.modules() if isinstance(m, SparseMLP)]
     assert len(blocks) == N_LAYERS and {b.tau for b in blocks} == set(thresholds.taus.values())
+    assert {b.point for b in blocks} == {point}
 
     calls = []
     kernel = sparse_kernel.sparse_mlp_forward
@@ -206,6 +223,34 @@ def test_sparsified_model_generates_as_thresholded_dense(backend, family, source
     want_logits, got_logits = torch.stack(want.logits), torch.stack(got.logits)
     assert float((got_logits - want_logits).abs().max()) <= 1e-4 * max(1.0, float(want_logits.abs().max()))
     assert len(calls) == N_LAYERS * 7  # every decoding step after the prefill went through the kernel
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+@pytest.mark.parametrize("mask", ["random", "none", "all", "one"])
+def test_product_point_equals_dense_product_thresholded(backend, kind, mask):
+    # --point product: gate and up dense, the down projection over the products with |p| > τ only;
+    # the reference is the block itself with InputThreshold's pre-hook on its down projection.
+    block = make_block(kind)
+    _, first, down, act, mult = BLOCKS[kind]
+    x = torch.randn(1, 1, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p = getattr(block, act)(getattr(block, first)(x))
+        if mult:
+            p = p * getattr(block, mult)(x)
+        tau = tau_for(p, mask)
+        reference = copy.deepcopy(block)
+        InputThreshold(getattr(reference, down), tau)
+        explicit = SparseMLP.from_block(block, first, down, act, mult, tau=tau, point="product", backend=backend)
+        own = SparseMLP.from_block(reference, first, down, act, mult, backend=backend)  # reads the pre-hook
+        assert (own.point, own.tau) == ("product", tau)
+        want = reference(x)
+        active = int((p.abs() > tau).sum())
+        assert active == {"none": 0, "all": int((p != 0).sum()), "one": 1}.get(mask, active)
+        for sparse in (explicit, own):
+            got = sparse(x)
+            assert got.shape == want.shape and rel_error(got, want) <= 1e-5
+            xs = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(2))
+            assert rel_error(sparse(xs), reference(xs)) <= 1e-5
 
 
 @pytest.mark.parametrize("family", ["bert", "opt"])
@@ -263,18 +308,21 @@ def test_a_finished_cached_build_loads_without_a_compiler(compiled, tmp_path, mo
                           sparse_kernel.sparse_mlp_fallback(x, a, 0.5, wd_t), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("point", ["act", "product"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_thresholded_decoder_export_loads_with_sparse_mlps(family, tmp_path):
+def test_a_thresholded_decoder_export_loads_with_sparse_mlps(family, point, tmp_path):
     # The export/load path swaps the kernel in for a thresholded decoder; its greedy tokens are the
     # thresholded dense model's (the model before export).
     from deft.deploy import export_model, load_exported
 
     ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
     dense = make_model(family)
-    apply_thresholds(dense, Thresholds(taus=calibrated_taus(dense, ids), mode="tau"))
+    calibrate = calibrated_taus if point == "act" else calibrated_product_taus
+    apply_thresholds(dense, Thresholds(taus=calibrate(dense, ids), mode="tau", point=point))
     export_model(dense, tmp_path / "export", None)
     loaded = load_exported(tmp_path / "export")
-    assert sum(isinstance(m, SparseMLP) for m in loaded.modules()) == N_LAYERS
+    blocks = [m for m in loaded.modules() if isinstance(m, SparseMLP)]
+    assert len(blocks) == N_LAYERS and {b.point for b in blocks} == {point}
     assert sum(isinstance(m, SparseMLP) for m in load_exported(tmp_path / "export", sparse_mlp=False).modules()) == 0
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                   pad_token_id=0)

@@ -243,11 +243,3 @@ def test_sparsify_at_the_product_point_reloads_and_is_measured_there(run, tmp_pa
     assert evaluated["density"]["overall"] == pytest.approx(payload["after"]["density"])
 
 
-def test_the_sparse_kernel_refuses_product_thresholds():
-    from deft.deploy import sparsify_mlps
-
-    model = make_model("llama")
-    apply_thresholds(model, Thresholds(taus={s.module: 0.01 for s in find_sites(model, "product")}, mode="tau",
-                                       point="product"))
-    with pytest.raises(ValueError, match="--point act"):
-        sparsify_mlps(model)
