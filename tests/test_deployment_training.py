@@ -284,3 +284,119 @@ def test_neuron_masks_are_refused_where_they_cannot_apply():
                                        neurons={s.module: [0, 1] for s in sites}))
     with pytest.raises(ValueError, match="deft shrink"):
         sparsify_mlps(model, backend="fallback")
+
+
+# -- the neuron form with a mean fill: removed neurons held at their mean, folded by shrink -------
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_mean_fill_ranks_by_variance_and_holds_removed_neurons_at_their_mean(family):
+    model = get_method("lora").apply(make_model(family), {"include_mlp": True}, task_type=None)
+    sites = find_sites(model)
+    if any(s.experts or s.mult is not None or s.fused for s in sites):  # routed experts, gated MLPs: refused
+        with pytest.raises(ValueError, match="routed experts|gated MLP"):
+            add_in_loop_thresholds(model, sites, target=0.25, form="neuron", fill="mean")
+        return
+    modules = add_in_loop_thresholds(model, sites, target=0.25, form="neuron", fill="mean")
+    schedule = threshold_schedule(model, sites, modules, target=0.25, start=0.25, ramp=0.0, every=1, total_steps=4,
+                                  form="neuron", fill="mean")
+    inputs = make_inputs(family, batch=2, length=8, pad=2)
+    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type, "act")
+    rows = _Rows(len(sites))
+
+    class State:
+        global_step = 0
+
+    model.eval()
+    schedule.on_step_begin(None, State(), None)
+    with torch.no_grad(), ActivationCapture(model, inner, meter=rows):
+        model(**inputs)
+    schedule.on_step_end(None, State(), None)
+    outer = _Rows(len(sites))
+    with torch.no_grad(), ActivationCapture(model, sites, meter=outer):
+        model(**inputs)
+    for index, site in enumerate(sites):  # by hand: variance over real tokens, the top ⌈0.25 w⌉; the others at the mean
+        acts = torch.cat(rows.rows[index])
+        variance = acts.var(0, unbiased=False)
+        want = set(variance.topk(math.ceil(0.25 * site.width)).indices.tolist())
+        module = modules[site.module]
+        assert set(module.kept_neurons()) == want
+        after = torch.cat(outer.rows[index])
+        removed = ~module.keep
+        torch.testing.assert_close(after[:, removed], acts.mean(0)[removed].float().double().expand(after.shape[0], -1),
+                                   atol=1e-6, rtol=1e-5)
+        if index == 0:  # the first call of the first block sees the same input: its kept neurons untouched
+            assert torch.equal(outer.rows[0][0][:, module.keep], rows.rows[0][0][:, module.keep])
+
+
+def test_mean_fill_is_refused_for_gated_mlps_and_without_the_neuron_form():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="gated MLP"):
+        add_in_loop_thresholds(model, find_sites(model), target=0.25, form="neuron", fill="mean")
+    with pytest.raises(ValueError, match="applies to train_density_form"):
+        TrainConfig(train_density=0.5, neuron_fill="mean")
+    with pytest.raises(ValueError, match="zero or mean"):
+        TrainConfig(train_density=0.5, train_density_form="neuron", neuron_fill="median")
+    from deft.core.thresholds import Thresholds
+
+    with pytest.raises(ValueError, match="without a neuron mask"):
+        Thresholds(taus={"a": 0.0}, mode="trained", fill={"a": [0.0]})
+
+
+def test_mean_filled_run_saves_its_fill_and_shrinks_exactly(tiny_bert_dir, shared_data, tmp_path):
+    from deft.cli import main
+    from deft.methods import merge_peft
+
+    cfg = tiny_config(tiny_bert_dir, shared_data, train_density=0.25, train_density_form="neuron",
+                      neuron_fill="mean", ste=False, train_density_ramp=0.5, tau_every=2)
+    train(cfg, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / RunDir.THRESHOLDS).read_text())
+    _, model, tok = load_run(tmp_path / "run")
+    sites = find_sites(model)
+    assert set(saved["fill"]) == {s.module for s in sites}
+    for site in sites:
+        fill, kept = saved["fill"][site.module], set(saved["neurons"][site.module])
+        assert len(fill) == site.width and all(fill[j] == 0 for j in kept)
+        assert sum(fill[j] != 0 for j in range(site.width) if j not in kept) > 0  # GELU's means are not 0
+        assert thresholded_modules(model)[site.module].kept_fill() == pytest.approx(fill)
+    batch = tok(["a fine film", "dull and long , and not funny at all"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = merge_peft(model)(**batch).logits
+    # the sweep keeps masks and fills: its untouched point is the filled model
+    assert main(["density-sweep", "--run", str(tmp_path / "run"), "--densities", "1", "--calibration-samples", "16",
+                 "--max-samples", "16", "--output", str(tmp_path / "sweep")]) == 0
+    untouched = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"][0]["points"][0]
+    assert untouched["deployed_density"] > 0.25  # the filled neurons are non-zero constants
+    assert main(["shrink", "--run", str(tmp_path / "run"), "--calibration-samples", "16",
+                 "--output", str(tmp_path / "shrunk")]) == 0
+    summary = json.loads((tmp_path / "shrunk" / RunDir.SHRINK).read_text())["summary"]
+    assert [r["width_after"] for r in summary["layers"]] == [len(saved["neurons"][r["site"]]) for r in summary["layers"]]
+    assert all(r["bias_folded"] for r in summary["layers"])
+    _, shrunk, _ = load_run(tmp_path / "shrunk")
+    assert all(m.keep is None and m.fill is None for m in thresholded_modules(shrunk).values())
+    with torch.no_grad():  # the constant neurons folded into the bias: the same function
+        torch.testing.assert_close(shrunk(**batch).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fill", ["zero", "mean"])
+def test_neuron_masks_end_at_the_target_when_the_step_count_moves_before_step_end(fill):
+    # transformers' Trainer calls on_step_begin at global_step k and on_step_end at k + 1: the mask
+    # chosen on the ramp's last step must be the target's, whichever count the callback sees.
+    model = make_model("bert")
+    sites = find_sites(model)
+    modules = add_in_loop_thresholds(model, sites, target=0.1, form="neuron", fill=fill)
+    schedule = threshold_schedule(model, sites, modules, target=0.1, start=1.0, ramp=0.5, every=10, total_steps=189,
+                                  form="neuron", fill=fill)
+    inputs = make_inputs("bert", batch=2, length=8, pad=2)
+
+    class State:
+        global_step = 0
+
+    model.eval()
+    for step in range(120):
+        State.global_step = step
+        schedule.on_step_begin(None, State(), None)
+        with torch.no_grad():
+            model(**inputs)
+        State.global_step = step + 1
+        schedule.on_step_end(None, State(), None)
+    for site in sites:
+        assert len(modules[site.module].kept_neurons()) == math.ceil(0.1 * site.width)

@@ -138,6 +138,10 @@ def train_args(p):
                    help="what the in-loop zeros are: entries |a| <= τ_l (token) or whole neurons, the same on "
                         "every token (neuron: each block keeps the neurons of largest RMS, fixed once the ramp "
                         f"ends; `deft shrink` then removes the others; default {d('train_density_form')})")
+    g.add_argument("--neuron-fill", default=None, choices=("zero", "mean"),
+                   help="with --train-density-form neuron: a removed neuron outputs 0 (zero) or its mean over the "
+                        "real tokens (mean: plain MLPs; ranked by variance, folded into the down bias by "
+                        f"`deft shrink`; default {d('neuron_fill')})")
     g.add_argument("--no-ste", action="store_true",
                    help="block the gradient at zeroed entries (default: straight-through)")
     g.add_argument("--activation", default=None, choices=("relu", "shifted-relu"),

@@ -124,6 +124,7 @@ TRAIN_OPTIONS = {
     "activation": "activation", "activation_shift": "activation_shift", "train_density": "train_density",
     "train_density_start": "train_density_start", "train_density_ramp": "train_density_ramp",
     "tau_every": "tau_every", "save_steps": "save_steps", "train_density_form": "train_density_form",
+    "neuron_fill": "neuron_fill",
 }
 DENSITY_OPTIONS = {"lam": "weight", "approx": "approx", "eps": "eps", "beta": "beta",
                    "encoder_weight": "encoder_weight", "decoder_weight": "decoder_weight",

@@ -128,9 +128,13 @@ def remove_neurons(model: nn.Module, keep: Mapping[str, torch.Tensor],
                 bias = bias.index_select(0, index) if bias is not None else None
             set_module(base, getattr(site, role), _new_dense(layer, weight, bias))
         activation = base.get_submodule(threshold_path(base, path))
-        if getattr(activation, "keep", None) is not None:  # a neuron mask follows its neurons
+        if getattr(activation, "keep", None) is not None:  # a neuron mask (and its fill) follows its neurons
             keep = activation.keep.to(indices.device).index_select(0, indices)
-            activation.keep = None if bool(keep.all()) else keep  # all kept: no mask left to apply
+            fill = getattr(activation, "fill", None)
+            fill = None if fill is None else fill.to(indices.device).index_select(0, indices)
+            all_kept = bool(keep.all())  # all kept: no mask left to apply (a kept neuron's fill is 0)
+            activation.keep = None if all_kept else keep
+            activation.fill = None if all_kept else fill
     if bias_delta:
         raise ValueError(f"bias deltas for {sorted(bias_delta)[:3]} without kept neurons: give keep for those sites")
     return model

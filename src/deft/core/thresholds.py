@@ -32,15 +32,22 @@ MAX_VALUES_PER_SITE = 2_000_000
 
 class ThresholdedActivation(ActivationWrapper):
     """``inner(x)`` with every entry of magnitude ≤ ``tau`` set to exactly 0, and — given ``keep``
-    (a bool vector over the block's neurons) — every entry of a neuron outside ``keep`` too."""
+    (a bool vector over the block's neurons) — every entry of a neuron outside ``keep`` too; given
+    ``fill`` (a vector over the neurons, used outside ``keep`` only), a neuron outside ``keep``
+    is that constant on every token instead of 0 (``--neuron-fill mean``: a constant neuron folds
+    into the down bias when ``deft shrink`` removes it)."""
 
-    def __init__(self, inner: nn.Module, tau: float, summary: dict | None = None, keep: torch.Tensor | None = None):
+    def __init__(self, inner: nn.Module, tau: float, summary: dict | None = None, keep: torch.Tensor | None = None,
+                 fill: torch.Tensor | None = None):
         super().__init__()
         self.inner = inner
         self.tau = float(tau)
         self.summary = summary  # how τ was chosen (Thresholds.summary()), for density reports
-        # A plain attribute, not a buffer: state dicts (merges, exports) stay those of the model.
+        # Plain attributes, not buffers: state dicts (merges, exports) stay those of the model.
         self.keep = None if keep is None else torch.as_tensor(keep, dtype=torch.bool)
+        if fill is not None and self.keep is None:
+            raise ValueError("a neuron fill needs a neuron mask (keep)")
+        self.fill = None if fill is None else torch.as_tensor(fill, dtype=torch.float32).masked_fill(self.keep, 0)
 
     def forward(self, *args, **kwargs):
         a = self.inner(*args, **kwargs)
@@ -50,7 +57,11 @@ class ThresholdedActivation(ActivationWrapper):
         if self.keep is not None:
             self.keep = self.keep.to(a.device)
             drop = drop | ~self.keep
-        return a.masked_fill(drop, 0)
+        out = a.masked_fill(drop, 0)
+        return out if self.fill is None else out + self.fill.to(device=a.device, dtype=a.dtype)
+
+    def kept_fill(self) -> list[float] | None:
+        return None if self.fill is None else self.fill.tolist()
 
     def kept_neurons(self) -> list[int] | None:
         return None if self.keep is None else self.keep.nonzero().reshape(-1).tolist()
@@ -69,7 +80,9 @@ class Thresholds:
     ``tau`` (one τ given by hand) or ``trained`` (the in-loop thresholds a run trained with).
     ``calibration``: what the calibration measured (samples,
     tokens, the density each layer had at its τ). ``neurons`` (site path → kept neuron indices,
-    ``--train-density-form neuron``): every other neuron of that block is 0 on every token.
+    ``--train-density-form neuron``): every other neuron of that block is 0 on every token — or,
+    with ``fill`` (site path → one value per neuron of the block, ``--neuron-fill mean``), that
+    constant.
     """
 
     taus: dict[str, float]
@@ -78,6 +91,7 @@ class Thresholds:
     point: str = "act"
     calibration: dict = field(default_factory=dict)
     neurons: dict[str, list[int]] | None = None
+    fill: dict[str, list[float]] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -93,6 +107,18 @@ class Thresholds:
             if set(self.neurons) - set(self.taus):
                 raise ValueError("neuron masks for sites without a threshold: give each masked site a τ (0 for none)")
             self.neurons = {p: sorted(int(i) for i in v) for p, v in self.neurons.items()}
+        if self.fill is not None:
+            if set(self.fill) - set(self.neurons or {}):
+                raise ValueError("a neuron fill for sites without a neuron mask: fill applies to removed neurons only")
+            self.fill = {p: [float(x) for x in v] for p, v in self.fill.items()}
+
+    def masks_only(self) -> "Thresholds | None":
+        """The neuron masks (and fills) alone, τ 0 everywhere: what stays of a neuron-form run when
+        its thresholds are calibrated afresh (its removed neurons stay removed). None without masks."""
+        if not self.neurons:
+            return None
+        return Thresholds(taus={p: 0.0 for p in self.neurons}, mode="trained", neurons=self.neurons,
+                          fill=self.fill)
 
     def summary(self) -> dict:
         """What a density report says about the thresholds it was measured under."""
@@ -169,12 +195,16 @@ def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> nn.Module:
             InputThreshold(base.get_submodule(path), tau, thresholds.summary())
             continue
         inner_path = threshold_path(base, path)
-        keep = None
+        keep = fill = None
         if thresholds.neurons is not None and path in thresholds.neurons:
             keep = torch.zeros(sites[path].width, dtype=torch.bool)
             keep[torch.as_tensor(thresholds.neurons[path], dtype=torch.long)] = True
+        if thresholds.fill is not None and path in thresholds.fill:
+            fill = torch.tensor(thresholds.fill[path], dtype=torch.float32)
+            if fill.numel() != sites[path].width:
+                raise ValueError(f"the neuron fill of {path} has {fill.numel()} values for {sites[path].width} neurons")
         set_module(base, inner_path, ThresholdedActivation(base.get_submodule(inner_path), tau, thresholds.summary(),
-                                                           keep))
+                                                           keep, fill))
     return model
 
 
@@ -198,9 +228,11 @@ def current_thresholds(model: nn.Module) -> Thresholds | None:
     summary = next(iter(modules.values())).summary or {}
     neurons = {p: kept for p, m in modules.items()
                if isinstance(m, ThresholdedActivation) and (kept := m.kept_neurons()) is not None}
+    fill = {p: values for p, m in modules.items()
+            if isinstance(m, ThresholdedActivation) and (values := m.kept_fill()) is not None}
     return Thresholds(taus={p: m.tau for p, m in modules.items()}, mode=summary.get("mode") or "tau",
                       target_density=summary.get("target_density"), point=summary.get("point") or "act",
-                      neurons=neurons or None)
+                      neurons=neurons or None, fill=fill or None)
 
 
 def applied_thresholds(model: nn.Module) -> dict | None:

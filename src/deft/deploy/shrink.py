@@ -8,7 +8,9 @@ is smaller at every batch size on any hardware — unlike a zero-skipping kernel
 at batch 1 only. ``max_dead_share`` > 0 also removes neurons active on at most that share of
 the calibration tokens; what each removed neuron contributed on average (its mean input to the
 down projection × its down column) is folded into the down bias, which is exactly 0 for the
-neurons that were never active.
+neurons that were never active. A neuron-form run trained with ``--neuron-fill mean`` holds its
+removed neurons at a constant instead of 0: they are removed too, and the constant, which is
+their mean, is folded exactly.
 
 Activity is counted at the down projection's input — σ's output after thresholds (and ADA's α)
 for plain MLPs, the gated product for gated ones: that is what a removed column multiplies.
@@ -28,6 +30,7 @@ from ..core.capture import ActivationCapture
 from ..core.layers import unwrap_model, weight_out_in
 from ..core.neurons import NeuronRemoval, apply_removal, check_removable, mlp_parameters
 from ..core.sites import SiteMap, find_sites, require_dense
+from ..core.thresholds import current_thresholds
 from ..methods import merge_peft
 from ..tasks.runners.glue import GlueRunner, without_labels
 from ..training import RunDir, TrainConfig, load_run, task_runner
@@ -88,23 +91,43 @@ def measure_activity(model: nn.Module, batches: Iterable) -> NeuronActivity:
     return activity
 
 
+def filled_neurons(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Site path → bool vector of the neurons the run holds at a constant fill (outside its neuron
+    mask, ``--neuron-fill mean``): constant on every token, so removable with the constant folded."""
+    current = current_thresholds(model)
+    if current is None or not current.fill:
+        return {}
+    widths = {s.module: s.width for s in find_sites(model, "act")}
+    out = {}
+    for path in current.fill:
+        outside = torch.ones(widths[path], dtype=torch.bool)
+        outside[torch.as_tensor(current.neurons[path], dtype=torch.long)] = False
+        out[path] = outside
+    return out
+
+
 @torch.no_grad()
 def plan_removal(model: nn.Module, activity: NeuronActivity, max_dead_share: float = 0.0) -> NeuronRemoval:
-    """Which neurons go (active on at most ``max_dead_share`` of the calibration tokens) and the
-    mean contribution of those that go, W_down[:, removed] · mean(a[removed]), per block."""
+    """Which neurons go (active on at most ``max_dead_share`` of the calibration tokens, or held at
+    a constant fill) and the mean contribution of those that go, W_down[:, removed] ·
+    mean(a[removed]), per block."""
     base = unwrap_model(model)
+    filled = filled_neurons(model)
     kept, widths, deltas = {}, {}, {}
     for index, site in enumerate(find_sites(model, "act")):
         tokens = activity.tokens[index]
         if not tokens:
             continue
         active_share = activity.nonzero[index].double() / tokens
-        removed = (active_share <= max_dead_share).nonzero().reshape(-1)
+        goes = active_share <= max_dead_share
+        if site.module in filled:
+            goes = goes | filled[site.module]
+        removed = goes.nonzero().reshape(-1)
         if not removed.numel():
             continue
-        kept[site.module] = (active_share > max_dead_share).nonzero().reshape(-1)
+        kept[site.module] = (~goes).nonzero().reshape(-1)
         widths[site.module] = site.width
-        mean = activity.sums[index][removed] / tokens  # exactly 0 for neurons never active
+        mean = activity.sums[index][removed] / tokens  # exactly 0 for neurons never active, the fill for filled ones
         if bool(mean.ne(0).any()):
             down = weight_out_in(base.get_submodule(site.down))
             deltas[site.module] = (down.index_select(1, removed.to(down.device)).double().cpu() @ mean).to(down.dtype)

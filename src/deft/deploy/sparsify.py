@@ -54,18 +54,19 @@ def check_request(density: float | None, tau: float | None, mode: str, calibrati
         raise ValueError(f"--calibration-samples must be >= 1, got {calibration_samples}")
 
 
-def neuron_masks(model: nn.Module) -> dict[str, list[int]] | None:
-    """The neuron masks ``model``'s thresholds carry (a ``--train-density-form neuron`` run), if any."""
+def neuron_masks(model: nn.Module) -> Thresholds | None:
+    """The neuron masks (and fills) ``model``'s thresholds carry (a ``--train-density-form neuron``
+    run) as thresholds of τ 0, if any (:meth:`Thresholds.masks_only`)."""
     current = current_thresholds(model)
-    return current.neurons if current is not None else None
+    return current.masks_only() if current is not None else None
 
 
-def reset_thresholds(model: nn.Module, masks: dict[str, list[int]] | None) -> nn.Module:
+def reset_thresholds(model: nn.Module, masks: Thresholds | None) -> nn.Module:
     """``model`` without thresholds, but with its neuron masks: those neurons are gone from the
     model the run trained, so calibrating afresh starts from them (τ = 0 elsewhere)."""
     remove_thresholds(model)
-    if masks:
-        apply_thresholds(model, Thresholds(taus={p: 0.0 for p in masks}, mode="trained", neurons=masks))
+    if masks is not None:
+        apply_thresholds(model, masks)
     return model
 
 
@@ -150,9 +151,10 @@ def global_tau(values: Sequence[torch.Tensor], density: float, iterations: int =
 def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, density: float | None = None,
                       tau: float | None = None, mode: str = "uniform", tokens: int = 0, samples: int = 0,
                       model: nn.Module | None = None, calibration: Calibration | None = None,
-                      point: str = "act", neurons: dict[str, list[int]] | None = None) -> Thresholds:
+                      point: str = "act", masks: Thresholds | None = None) -> Thresholds:
     """Thresholds for these sites from their calibration magnitudes (module doc); ``greedy`` also
-    needs the model and a calibration with rows."""
+    needs the model and a calibration with rows. ``masks``: a neuron-form run's masks and fills
+    (:func:`neuron_masks`), carried into the result."""
     if tau is not None:
         taus, mode = {p: float(tau) for p in paths}, "tau"
     elif mode == "uniform":
@@ -166,7 +168,8 @@ def choose_thresholds(paths: Sequence[str], values: Sequence[torch.Tensor], *, d
         one = global_tau(values, density)
         taus = {p: one for p in paths}
     calibrated = {p: density_at(v, taus[p]) for p, v in zip(paths, values)}
-    return Thresholds(taus=taus, mode=mode, target_density=density, point=point, neurons=neurons, calibration={
+    return Thresholds(taus=taus, mode=mode, target_density=density, point=point,
+                      neurons=masks.neurons if masks else None, fill=masks.fill if masks else None, calibration={
         "samples": samples, "tokens": tokens, "per_layer_density": calibrated,
         "density": sum(calibrated.values()) / len(calibrated) if calibrated else None})
 
@@ -201,7 +204,7 @@ def sparsify_run(run: str, output: str, *, density: float | None = None, tau: fl
                             rows=mode == "greedy" and tau is None, point=point)
     thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=density, tau=tau, mode=mode,
                                    tokens=calibration.tokens, samples=calibration_samples, model=model,
-                                   calibration=calibration, point=point, neurons=masks)
+                                   calibration=calibration, point=point, masks=masks)
     apply_thresholds(model, thresholds)
     after = evaluation_summary(task_runner(replace(config, site_point=point)), model, tokenizer, **options)
     source.derive(output)

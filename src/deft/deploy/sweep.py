@@ -57,7 +57,7 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
             if target < 1:
                 thresholds = choose_thresholds(calibration.paths, calibration.magnitudes, density=target, mode=mode,
                                                tokens=calibration.tokens, samples=calibration_samples, model=model,
-                                               calibration=calibration, point=point, neurons=masks)
+                                               calibration=calibration, point=point, masks=masks)
                 apply_thresholds(model, thresholds)
             result = evaluation_summary(runner, model, tokenizer, **options)
             points.append({"target_density": target, "deployed_density": result["density"],

@@ -88,6 +88,7 @@ class TrainConfig:
     train_density_ramp: float = 0.5  # ... over this share of the steps
     tau_every: int = 10  # steps between re-calibrations of the in-loop thresholds
     train_density_form: str = "token"  # the in-loop zeros: entries |a| ≤ τ ("token") or whole neurons ("neuron")
+    neuron_fill: str = "zero"  # neuron form: a removed neuron outputs 0 ("zero") or its mean over real tokens ("mean")
     ste: bool = True  # straight-through gradient at the zeroed entries (False: blocked, as ReLU)
 
     def __post_init__(self):
@@ -119,6 +120,10 @@ class TrainConfig:
                 raise ValueError(f"train_density_ramp is a share of the steps in [0, 1], got {self.train_density_ramp}")
             if self.train_density_form not in ("token", "neuron"):
                 raise ValueError(f"unknown train_density_form {self.train_density_form!r}; choose token or neuron")
+            if self.neuron_fill not in ("zero", "mean"):
+                raise ValueError(f"unknown neuron_fill {self.neuron_fill!r}; choose zero or mean")
+            if self.neuron_fill != "zero" and self.train_density_form != "neuron":
+                raise ValueError("neuron_fill applies to train_density_form 'neuron' only")
             if self.tau_every < 1:
                 raise ValueError(f"tau_every must be >= 1, got {self.tau_every}")
 

@@ -107,8 +107,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     adaptive = apply_adaptive(model, sites, AdaptiveConfig(
         init=config.ada_init, init_std=config.ada_init_std, seed=config.seed,
         lr_scale=config.ada_lr_scale)) if config.ada else None
-    in_loop = add_in_loop_thresholds(model, sites, config.ste, config.train_density, config.train_density_form) \
-        if config.train_density is not None else {}
+    in_loop = add_in_loop_thresholds(model, sites, config.ste, config.train_density, config.train_density_form,
+                                     config.neuron_fill) if config.train_density is not None else {}
     trainable, total = trainable_parameters(model)
 
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.gradient_accumulation_steps))
@@ -152,7 +152,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         trainer.add_callback(threshold_schedule(
             model, sites, in_loop, target=config.train_density, start=config.train_density_start,
             ramp=config.train_density_ramp, every=config.tau_every, total_steps=total_steps,
-            form=config.train_density_form))
+            form=config.train_density_form, fill=config.neuron_fill))
     if config.density_loss is not None and config.density.eps_final is not None:
         trainer.add_callback(epsilon_schedule(trainer.capture, config.density, total_steps))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None

@@ -12,6 +12,11 @@
   token. The mask is re-chosen while the target ramps and fixed from the end of the ramp, so the
   rest of training adapts to the neurons the deployed model keeps; ``deft shrink`` then removes
   the others exactly — a smaller dense model at every batch size (encoders).
+  With ``fill="mean"`` (plain MLPs) a removed neuron is not 0 but its mean over the step's real
+  tokens, a constant that ``deft shrink`` folds into the down bias: the model starts from the
+  best constant stand-in for each removed neuron instead of none, the neurons are ranked by what
+  that stand-in loses (their variance), and the means keep being re-measured every ``every``
+  steps after the masks are fixed, as the LoRA under them moves.
 * **ε annealing** — the ℓ0-ε term's ε goes geometrically from ``eps`` to ``eps_final``
   (:class:`EpsilonSchedule`): a large ε pulls on every activation early, a small one pushes the
   last ones to zero.
@@ -33,6 +38,7 @@ from ..core.thresholds import (MagnitudeSampler, ThresholdedActivation, Threshol
 
 
 FORMS = ("token", "neuron")  # what the in-loop zeros are: entries |a| ≤ τ, or whole neurons
+FILLS = ("zero", "mean")  # what a removed neuron outputs (neuron form): 0, or its mean over real tokens
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -65,7 +71,8 @@ class InLoopThreshold(ThresholdedActivation):
             self.keep = self.keep.to(a.device)
             keep = keep & self.keep
         keep = keep.to(a.dtype)
-        return _StraightThrough.apply(a, keep) if self.ste and self.training else a * keep
+        out = _StraightThrough.apply(a, keep) if self.ste and self.training else a * keep
+        return out if self.fill is None else out + self.fill.to(device=a.device, dtype=a.dtype)
 
     def extra_repr(self) -> str:
         kept = "" if self.keep is None else f", neurons={int(self.keep.sum())}/{self.keep.numel()}"
@@ -73,42 +80,58 @@ class InLoopThreshold(ThresholdedActivation):
 
 
 class NeuronEnergy:
-    """Per site and neuron: the sum of a² over real tokens, and the tokens counted; a meter fed
-    by :class:`~deft.core.capture.ActivationCapture` (the neuron form's ranking)."""
+    """Per site and neuron: the sums of a and a² over real tokens, and the tokens counted; a meter
+    fed by :class:`~deft.core.capture.ActivationCapture` (the neuron form's ranking and fill)."""
 
     def __init__(self, widths: list[int]):
+        self.sums = [torch.zeros(w, dtype=torch.float64) for w in widths]
         self.squares = [torch.zeros(w, dtype=torch.float64) for w in widths]
         self.tokens = [0] * len(widths)
 
     @torch.no_grad()
     def update(self, index: int, act: torch.Tensor, mask: torch.Tensor) -> None:
         values = act[mask].double()
+        self.sums[index] += values.sum(0).cpu()
         self.squares[index] += values.pow(2).sum(0).cpu()
         self.tokens[index] += values.shape[0]
 
     def end_sequences(self) -> None:
         pass
 
-    def top(self, index: int, density: float) -> torch.Tensor:
-        """The bool mask keeping the ⌈density · width⌉ neurons of largest RMS (ties: lower index)."""
-        squares = self.squares[index]
-        count = min(squares.numel(), max(1, math.ceil(density * squares.numel() - 1e-9)))
-        keep = torch.zeros(squares.numel(), dtype=torch.bool)
-        keep[torch.sort(-squares, stable=True).indices[:count]] = True
+    def mean(self, index: int) -> torch.Tensor:
+        return (self.sums[index] / max(1, self.tokens[index])).float()
+
+    def top(self, index: int, density: float, fill: str = "zero") -> torch.Tensor:
+        """The bool mask keeping the ⌈density · width⌉ neurons that lose most when replaced by the
+        fill (ties: lower index): largest Σa² (RMS) for a zero fill, largest Σ(a − mean)²
+        (variance) for the mean."""
+        score = self.squares[index]
+        if fill == "mean":
+            score = score - self.sums[index].pow(2) / max(1, self.tokens[index])
+        count = min(score.numel(), max(1, math.ceil(density * score.numel() - 1e-9)))
+        keep = torch.zeros(score.numel(), dtype=torch.bool)
+        keep[torch.sort(-score, stable=True).indices[:count]] = True
         return keep
 
 
-def add_in_loop_thresholds(model: nn.Module, sites: SiteMap, ste: bool = True,
-                           target: float | None = None, form: str = "token") -> dict[str, InLoopThreshold]:
+def add_in_loop_thresholds(model: nn.Module, sites: SiteMap, ste: bool = True, target: float | None = None,
+                           form: str = "token", fill: str = "zero") -> dict[str, InLoopThreshold]:
     """Wrap σ of every site (inside ADA's α, as deployed thresholds sit) in :class:`InLoopThreshold`."""
     if form not in FORMS:
         raise ValueError(f"unknown train-density form {form!r}; choose one of {FORMS}")
+    if fill not in FILLS:
+        raise ValueError(f"unknown neuron fill {fill!r}; choose one of {FILLS}")
+    if fill != "zero" and form != "neuron":
+        raise ValueError("--neuron-fill applies to --train-density-form neuron only")
     base = unwrap_model(model)
     out = {}
     for site in sites:
         if form == "neuron" and site.experts:
             raise ValueError(f"{site.module} holds routed experts: a neuron mask shared by every expert is not "
                              "a neuron removal; use --train-density-form token")
+        if fill == "mean" and (site.mult is not None or site.fused):
+            raise ValueError(f"{site.module} is a gated MLP: a removed gate neuron's mean still multiplies the up "
+                             "projection, so it is no constant deft shrink could fold; use --neuron-fill zero")
         path = threshold_path(base, site.module)
         module = InLoopThreshold(base.get_submodule(path), ste, target)
         set_module(base, path, module)
@@ -120,14 +143,15 @@ def to_deployed(model: nn.Module, modules: dict[str, InLoopThreshold], target: f
     """Replace the in-loop wrappers by plain thresholds with their final τ; returns them as data."""
     base = unwrap_model(model)
     neurons = {p: m.kept_neurons() for p, m in modules.items() if m.keep is not None}
+    fill = {p: m.kept_fill() for p, m in modules.items() if m.fill is not None}
     thresholds = Thresholds(taus={p: m.tau for p, m in modules.items()}, mode="trained", target_density=target,
-                            neurons=neurons or None)
+                            neurons=neurons or None, fill=fill or None)
     for site_path in modules:
         path = threshold_path(base, site_path)
         wrapper = base.get_submodule(path)
         if isinstance(wrapper, InLoopThreshold):
             set_module(base, path, ThresholdedActivation(wrapper.inner, wrapper.tau, thresholds.summary(),
-                                                         wrapper.keep))
+                                                         wrapper.keep, wrapper.fill))
     return thresholds
 
 
@@ -139,7 +163,7 @@ def _callback_base():
 
 def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLoopThreshold], *, target: float,
                        start: float = 1.0, ramp: float = 0.5, every: int = 10, total_steps: int = 1,
-                       form: str = "token"):
+                       form: str = "token", fill: str = "zero"):
     """A ``TrainerCallback`` re-calibrating the in-loop thresholds (module doc)."""
     inner_sites = [replace(s, module=f"{threshold_path(unwrap_model(model), s.module)}.inner") for s in sites]
     ramp_steps = max(1, int(ramp * total_steps))
@@ -149,6 +173,7 @@ def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLo
             self.capture: ActivationCapture | None = None
             self.meter: MagnitudeSampler | NeuronEnergy | None = None
             self.seen = False
+            self.begin_step = 0
 
         def density_at(self, step: int) -> float:
             return target + (start - target) * max(0.0, 1 - step / ramp_steps)
@@ -157,10 +182,12 @@ def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLo
             if not self.seen:  # the first step of this process (a resumed run's τ / masks are not checkpointed)
                 return True
             if form == "neuron":  # masks move while the target ramps, then stay: the model adapts to them
-                return step <= ramp_steps and (step % every == 0 or step == ramp_steps)
+                ramping = step <= ramp_steps and (step % every == 0 or step == ramp_steps)
+                return ramping or (fill == "mean" and step % every == 0)  # means keep being re-measured
             return step % every == 0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            self.begin_step = state.global_step  # the Trainer counts the step done before on_step_end
             if self.due(state.global_step):
                 # σ's own output (inside the threshold), on real tokens of this step's batches
                 self.meter = MagnitudeSampler(len(inner_sites)) if form == "token" else \
@@ -176,7 +203,11 @@ def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLo
             density = self.density_at(state.global_step)
             if form == "neuron":
                 for index, site in enumerate(sites):
-                    modules[site.module].keep = self.meter.top(index, density) if density < 1 else None
+                    module = modules[site.module]
+                    if self.begin_step <= ramp_steps or module.keep is None and density < 1:
+                        module.keep = self.meter.top(index, density, fill) if density < 1 else None
+                    module.fill = None if fill == "zero" or module.keep is None else \
+                        self.meter.mean(index).masked_fill(module.keep, 0)
             else:
                 for site, values in zip(sites, self.meter.result(seed=state.global_step)):
                     modules[site.module].tau = quantile_of_magnitudes(values, 1 - density) if density < 1 else 0.0
