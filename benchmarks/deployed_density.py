@@ -72,6 +72,10 @@ VARIANTS = {
                                                              "ste": False}, {}),
     "peft+train_density=0.2+form=neuron+ste=false": ("peft", {"train_density": 0.2, "train_density_form": "neuron",
                                                              "ste": False}, {}),
+    "peft+train_density=0.1+form=neuron+ste=false+fill=mean": (
+        "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_fill": "mean"}, {}),
+    "peft+train_density=0.2+form=neuron+ste=false+fill=mean": (
+        "peft", {"train_density": 0.2, "train_density_form": "neuron", "ste": False, "neuron_fill": "mean"}, {}),
 }
 
 

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 from pathlib import Path
 
 import torch
 from lib.runs import run_or_reuse
-from lib.results import write_result
+from lib.results import cpu_model, write_result
 from lib.timing import interleaved_medians
 
 from deft.core.thresholds import remove_thresholds
@@ -105,6 +104,7 @@ def main() -> None:
                     help="training examples for the thresholds and the dead-neuron count (default 256)")
     ap.add_argument("--max-dead-share", type=float, default=0.0, help="deft shrink --max-dead-share (default 0)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, one set of rows each")
     ap.add_argument("--timing-samples", type=int, default=256, help="dev sentences per timed pass (0 = all)")
     ap.add_argument("--repeats", type=int, default=30, help="timed passes per variant (median; >= 30)")
     ap.add_argument("--max-eval-samples", type=int, default=0, help="dev examples for the metrics (0 = all)")
@@ -129,8 +129,10 @@ def main() -> None:
           f"{100 * summary['neurons_removed_share']:.1f}% of MLP neurons removed", flush=True)
 
     rows = []
+    initial_threads = torch.get_num_threads()
     with torch.inference_mode():
-        for batch_size in args.batch_sizes:
+        for threads, batch_size in ((t, b) for t in args.threads for b in args.batch_sizes):
+            torch.set_num_threads(threads)
             batches = timing_batches(runner, tokenizer, args, batch_size)
             sentences = sum(b["input_ids"].shape[0] for b in batches)
 
@@ -139,7 +141,7 @@ def main() -> None:
 
             t = interleaved_medians({"peft": over(peft), "shrunk": over(shrunk)}, repeats=args.repeats, warmup=2)
             med = {k: v["median"] for k, v in t.items()}
-            row = {"batch_size": batch_size, "throughput_ratio": med["peft"] / med["shrunk"],
+            row = {"batch_size": batch_size, "threads": threads, "throughput_ratio": med["peft"] / med["shrunk"],
                    "metric_shrunk": metrics["shrunk"], "metric_peft": metrics["peft"],
                    "neurons_removed_share": summary["neurons_removed_share"],
                    "blocks_removed": summary["blocks_removed"],
@@ -147,12 +149,13 @@ def main() -> None:
                    "sentences_per_pass": sentences, "median_seconds": med,
                    "throughput": {k: sentences / v for k, v in med.items()}, "repeats": args.repeats}
             rows.append(row)
-            print(f"batch {batch_size:>3}: PEFT {row['throughput']['peft']:8.1f}/s  shrunk "
+            print(f"batch {batch_size:>3}, {threads} thread(s): PEFT {row['throughput']['peft']:8.1f}/s  shrunk "
                   f"{row['throughput']['shrunk']:8.1f}/s  (x{row['throughput_ratio']:.3f})", flush=True)
 
+    torch.set_num_threads(initial_threads)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "torch_threads": initial_threads,
                     "load_average": os.getloadavg()},
         "peft_run": str(peft_dir), "deft_run": str(deft_dir), "shrunk_run": str(shrunk_dir),
         "density": args.density, "calibration_samples": args.calibration_samples,

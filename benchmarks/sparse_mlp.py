@@ -17,9 +17,18 @@ Weights come from memory, not cache, as in decoding: each variant cycles through
 copies of the block (≥ 256 MiB of weights per shape) that a copy is evicted before it is used
 again. τ is set per copy to the quantile of |a| that leaves exactly the target density.
 
-Rows: shape, density, threads, ratio (median dense / median sparse), ratio_fallback, ratio_up_down, max_rel_error
-(sparse against dense, over the copies), the medians themselves; plus the machine (CPU model,
-torch threads, load average). Writes ``benchmarks/results/sparse_mlp.json``::
+* all active (``ratio_all_active``): the kernel itself with every unit active (τ below every
+  |a|), against the kernel at the density: what the zeros buy with the code held fixed, apart
+  from how fast PyTorch's dense GEMV is on this CPU.
+
+On a CUDA device (and Triton installed) the same shapes are also timed on the GPU at batch 1,
+bfloat16 weights: PyTorch's dense MLP against :func:`deft.deploy.triton_mlp.triton_sparse_mlp`
+(TEAL's split-K design), CUDA-synchronised, median of the repetitions (``gpu_rows``); without one
+``gpu_rows`` is empty and ``gpu_skipped`` says why.
+
+Rows: shape, density, threads, ratio (median dense / median sparse), ratio_fallback, ratio_up_down,
+ratio_all_active, max_rel_error (sparse against dense, over the copies), the medians themselves;
+plus the machine (CPU model, torch threads, load average). Writes ``benchmarks/results/sparse_mlp.json``::
 
     python benchmarks/sparse_mlp.py [--repeats 50] [--min-mib 256] [--out PATH]
     python benchmarks/sparse_mlp.py --quick --out /tmp/sparse_quick.json   # smoke: seconds, numbers meaningless
@@ -29,14 +38,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lib.results import write_result
+from lib.results import cpu_model, write_result
 from lib.timing import interleaved_medians
 
+from deft.deploy import triton_mlp
 from deft.deploy.sparse_kernel import (compiled_kernel, extension_name, kernel_unavailable_reason,
                                        sparse_mlp_fallback, sparse_mlp_forward)
 
@@ -48,16 +57,6 @@ SHAPES = {  # name -> (d, h, gated, activation, biases)
 }
 DENSITIES = (0.5, 0.3, 0.2, 0.1)
 THREADS = (1, 2)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_copies(d: int, h: int, gated: bool, biases: bool, min_bytes: int, max_copies: int | None, seed: int):
@@ -132,7 +131,13 @@ def variants(copies: list[dict], act, taus: list[float], gates: list[torch.Tenso
             c = copies[i]
             return compiled(c["x"], gates[i], taus[i], c["down_t"], c["down_b"], c["up"], c["up_b"])
 
-        out.update(dense_up_down=dense_up_down, sparse_up_down=sparse_up_down)
+        def all_active_up_down():  # the same kernel, every unit active: τ below every |a|
+            i = state.setdefault("all_active_up_down", 0)
+            state["all_active_up_down"] = (i + 1) % len(copies)
+            c = copies[i]
+            return compiled(c["x"], gates[i], -1.0, c["down_t"], c["down_b"], c["up"], c["up_b"])
+
+        out.update(dense_up_down=dense_up_down, sparse_up_down=sparse_up_down, all_active_up_down=all_active_up_down)
     return out
 
 
@@ -143,6 +148,55 @@ def max_rel_error(copies: list[dict], act, taus: list[float], fn) -> float:
         want, got = run["dense"]().double(), run[fn]().double()
         worst = max(worst, float((got - want).norm() / want.norm()))
     return worst
+
+
+def gpu_rows(shapes: list[str], repeats: int, device: str = "cuda", dtype=torch.bfloat16) -> list[dict]:
+    """Batch-1 MLP on the GPU, bfloat16 weights: PyTorch dense vs the Triton kernels, per shape and
+    density (CUDA-synchronised timings, median of ``repeats`` interleaved rounds). ``device``/``dtype``
+    other than the defaults only to smoke-test this code under TRITON_INTERPRET=1."""
+    rows = []
+    for shape in shapes:
+        d, h, gated, act, biases = SHAPES[shape]
+        g = torch.Generator().manual_seed(0)
+        w = {"first": torch.randn(h, d, generator=g) / d ** 0.5, "down": torch.randn(d, h, generator=g) / h ** 0.5,
+             "up": torch.randn(h, d, generator=g) / d ** 0.5 if gated else None}
+        w = {k: v.to(device, dtype) if v is not None else None for k, v in w.items()}
+        down_t = w["down"].t().contiguous()
+        x = torch.randn(d, generator=g).to(device, dtype)
+        a = act(F.linear(x, w["first"]))
+        for density in DENSITIES:
+            tau = tau_at(a.float().cpu(), density)
+
+            def dense():
+                z = act(F.linear(x, w["first"]))
+                z = z.masked_fill(z.abs() <= tau, 0)
+                if w["up"] is not None:
+                    z = z * F.linear(x, w["up"])
+                return F.linear(z, w["down"])
+
+            def sparse():
+                z = act(F.linear(x, w["first"]))
+                return triton_mlp.triton_sparse_mlp(x, z, tau, down_t, None, w["up"])
+
+            def synced(fn):
+                def run():
+                    out = fn()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    return out
+                return run
+
+            with torch.no_grad():
+                err = float((sparse().float() - dense().float()).norm() / dense().float().norm())
+                t = interleaved_medians({"dense": synced(dense), "sparse": synced(sparse)}, repeats=repeats,
+                                        warmup=3)
+            med = {k: v["median"] for k, v in t.items()}
+            rows.append({"shape": shape, "density": density, "device": device, "dtype": str(dtype).split(".")[-1],
+                         "ratio": med["dense"] / med["sparse"], "max_rel_error": err,
+                         "median_us": {k: v * 1e6 for k, v in med.items()}, "repeats": repeats})
+            print(f"{shape:>12} density {density:.1f} GPU: dense {med['dense'] * 1e6:7.1f} us  triton "
+                  f"{med['sparse'] * 1e6:7.1f} us (x{rows[-1]['ratio']:.2f})  err {err:.1e}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -177,6 +231,7 @@ def main() -> None:
                     row = {"shape": shape, "density": density, "threads": threads,
                            "ratio": med["dense"] / med["sparse"], "ratio_fallback": med["dense"] / med["fallback"],
                            "ratio_up_down": med["dense_up_down"] / med["sparse_up_down"],
+                           "ratio_all_active": med["all_active_up_down"] / med["sparse_up_down"],
                            "max_rel_error": err, "max_rel_error_fallback": err_fb,
                            "median_us": {k: v * 1e6 for k, v in med.items()},
                            "d": d, "h": h, "gated": gated, "copies": len(copies), "weights_mib": nbytes / 2**20,
@@ -185,16 +240,23 @@ def main() -> None:
                     print(f"{shape:>12} density {density:.1f} threads {threads}: dense {med['dense'] * 1e6:8.1f} us  "
                           f"sparse {med['sparse'] * 1e6:8.1f} us (x{row['ratio']:.2f})  "
                           f"fallback {med['fallback'] * 1e6:8.1f} us (x{row['ratio_fallback']:.2f})  "
-                          f"up+down x{row['ratio_up_down']:.2f}  "
+                          f"up+down x{row['ratio_up_down']:.2f} (vs all active x{row['ratio_all_active']:.2f})  "
                           f"err {err:.1e}", flush=True)
             del copies, acts
     torch.set_num_threads(initial_threads)
+    gpu_skipped = None if torch.cuda.is_available() else "no CUDA device"
+    gpu_skipped = gpu_skipped or triton_mlp.unavailable_reason("cuda")
+    gpu = [] if gpu_skipped else gpu_rows(args.shapes, repeats)
+    if gpu_skipped:
+        print(f"GPU (Triton) rows skipped: {gpu_skipped}")
 
     result = {
         "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": initial_threads, "threads_timed": list(THREADS),
                     "load_average": os.getloadavg(), "kernel": extension_name()},
         "quick": args.quick, "densities": list(DENSITIES), "rows": rows,
+        "gpu_rows": gpu, "gpu_skipped": gpu_skipped,
+        "gpu": torch.cuda.get_device_name(0) if gpu else None,
     }
     write_result(args.out, result)
 

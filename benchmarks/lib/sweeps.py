@@ -11,15 +11,19 @@ from deft.deploy import density_sweep
 
 
 def sweep_or_reuse(run_dir: Path, targets: Sequence[float], *, calibration_samples: int, mode: str = "uniform",
-                   data_dir: str | None = None) -> dict:
-    """The sweep of ``run_dir`` at ``targets`` (one run's entry of ``sweep.json``)."""
+                   data_dir: str | None = None, point: str = "act") -> dict:
+    """The sweep of ``run_dir`` at ``targets`` (one run's entry of ``sweep.json``), thresholds at ``point``."""
     key = {"targets": list(targets), "calibration_samples": calibration_samples, "mode": mode}
-    cache = Path(run_dir) / ("deployed_density_sweep.json" if mode == "uniform" else f"density_sweep_{mode}.json")
+    name = "deployed_density_sweep" if mode == "uniform" else f"density_sweep_{mode}"
+    if point != "act":
+        key["point"] = point
+        name += f"_{point}"
+    cache = Path(run_dir) / f"{name}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return saved["sweep"]
     sweep = density_sweep([str(run_dir)], targets, mode=mode, calibration_samples=calibration_samples,
-                          data_dir=data_dir, progress=True)["runs"][0]
+                          data_dir=data_dir, progress=True, point=point)["runs"][0]
     cache.write_text(json.dumps({"key": key, "sweep": sweep}, indent=2))
     return sweep
