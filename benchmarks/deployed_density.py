@@ -72,6 +72,11 @@ VARIANTS = {
                                                              "ste": False}, {}),
     "peft+train_density=0.2+form=neuron+ste=false": ("peft", {"train_density": 0.2, "train_density_form": "neuron",
                                                              "ste": False}, {}),
+    "peft+train_density=0.1+form=neuron+ste=false+rank=output": (
+        "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_rank": "output"}, {}),
+    "peft+train_density=0.1+form=neuron+ste=false+rank=output+rank_steps=10": (
+        "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_rank": "output",
+                 "neuron_rank_steps": 10}, {}),
     "peft+train_density=0.1+form=neuron+ste=false+fill=mean": (
         "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_fill": "mean"}, {}),
     "peft+train_density=0.2+form=neuron+ste=false+fill=mean": (
@@ -99,13 +104,16 @@ def budget(task: str, args) -> dict:
         chosen["max_train_samples"] = args.max_train_samples
     if args.lr is not None:
         chosen["learning_rate"] = args.lr
+    if args.holdout_samples:
+        chosen["holdout_samples"] = args.holdout_samples
     return chosen
 
 
 def budget_tag(chosen: dict) -> str:
     """The run-directory level naming a budget, so runs of one variant at two budgets coexist."""
     tag = f"e{chosen['epochs']:g}-n{chosen['max_train_samples'] or 'all'}"
-    return tag + (f"-lr{chosen['learning_rate']:g}" if chosen.get("learning_rate") is not None else "")
+    tag += f"-lr{chosen['learning_rate']:g}" if chosen.get("learning_rate") is not None else ""
+    return tag + (f"-h{chosen['holdout_samples']}" if chosen.get("holdout_samples") else "")
 
 
 def config_for(task: str, variant: str, args) -> TrainConfig:
@@ -118,12 +126,18 @@ def config_for(task: str, variant: str, args) -> TrainConfig:
 
 
 def rows_of(sweep: dict, *, task: str, variant: str, dense: float, steps: int, learned: bool, model: str,
-            mode: str, budget: dict | None = None) -> list[dict]:
+            mode: str, budget: dict | None = None, heldout: dict | None = None) -> list[dict]:
+    """One row per target of ``sweep`` (dev); with ``heldout`` (the same run's sweep on its held-out
+    training examples) each row carries the held-out metric and density too."""
+    aside = {p["target_density"]: p for p in heldout["points"]} if heldout else {}
     return [{"task": task, "model": model, "variant": variant, "threshold_mode": mode, **(budget or {}),
              "target_density": p["target_density"], "deployed_density": p["deployed_density"],
              "metric": 100 * p["metric"], "dense_peft_metric": dense, "metric_delta_vs_dense_peft": 100 * p["metric"] - dense,
              "steps": steps, "union_density": p["union_density"], "learned": learned,
-             "main_metric": sweep["main_metric"]} for p in sweep["points"]]
+             "main_metric": sweep["main_metric"],
+             **({"heldout_metric": 100 * aside[p["target_density"]]["metric"],
+                 "heldout_deployed_density": aside[p["target_density"]]["deployed_density"]}
+                if p["target_density"] in aside else {})} for p in sweep["points"]]
 
 
 def gemma_rows(run_dir: Path, args) -> list[dict]:
@@ -146,18 +160,28 @@ def gemma_rows(run_dir: Path, args) -> list[dict]:
 SUMMARY_BUDGETS = {"budgets": BUDGETS, "sst2 at 3 epochs": {**BUDGETS, "sst2": {"epochs": 3.0, "max_train_samples": 2000}}}
 
 
+def holdout_budgets(rows: list[dict]) -> dict:
+    """A budget set per held-out size in ``rows``: every task at 3 epochs (SST-2 on its 2,000
+    examples, the rest on their full sets) with that many training examples set aside."""
+    sizes = sorted({r["holdout_samples"] for r in rows if r.get("holdout_samples")})
+    base = SUMMARY_BUDGETS["sst2 at 3 epochs"]
+    return {f"3 epochs, {n} held out": {t: {**b, "holdout_samples": n} for t, b in base.items()} for n in sizes}
+
+
+def at_budget(row: dict, budgets: dict) -> bool:
+    """Whether ``row`` was trained at its task's budget in ``budgets`` (held-out examples included)."""
+    want = budgets.get(row["task"], {})
+    return (all(row.get(k) == v for k, v in want.items()) and row.get("learning_rate") == want.get("learning_rate")
+            and row.get("holdout_samples", 0) == want.get("holdout_samples", 0))
+
+
 def summary(rows: list[dict], budgets: dict | None = None, name: str = "budgets") -> list[dict]:
     """The paper's headline on exact zeros: per variant and target, the average over the tasks whose
     PEFT baseline learned (at the task's budget in ``budgets``, default :data:`BUDGETS`) of the
     deployed-density change against dense PEFT (eq. 10: (D_PEFT − D) / D_PEFT) and of the metric's
     change. Each entry names its budget set and carries the per-task budgets."""
     budgets = BUDGETS if budgets is None else budgets
-
-    def at_budget(r):
-        want = budgets.get(r["task"], {})
-        return all(r.get(k) == v for k, v in want.items()) and r.get("learning_rate") == want.get("learning_rate")
-
-    mine = [r for r in rows if r["model"] == "minilm" and r["learned"] and at_budget(r)]
+    mine = [r for r in rows if r["model"] == "minilm" and r["learned"] and at_budget(r, budgets)]
     dense_density = {r["task"]: r["deployed_density"] for r in mine
                      if r["variant"] == "peft+thresholds" and r["target_density"] == 1.0}
     tasks = sorted(dense_density)
@@ -175,8 +199,56 @@ def summary(rows: list[dict], budgets: dict | None = None, name: str = "budgets"
     return out
 
 
-def markdown(rows: list[dict], headline: list[dict] = ()) -> str:
+# A task's operating point: the lowest held-out deployed density whose held-out metric is within this
+# many points of dense PEFT's held-out metric — the headline's tolerance, applied per task, fixed
+# before any held-out run was scored.
+SELECTION_TOLERANCE = 0.5
+
+
+def selection(rows: list[dict], budgets: dict, name: str, tolerance: float = SELECTION_TOLERANCE) -> dict | None:
+    """The headline with one operating point per task, chosen where dev is not seen: on each run's
+    held-out training examples (``--holdout-samples``), among every target of the variants trained
+    for every task at ``budgets``; then scored on dev (eq. 10 against dense PEFT's dev density, metric against dense
+    PEFT's dev metric), averaged over the tasks that learned. None without held-out rows."""
+    mine = [r for r in rows if r["model"] == "minilm" and r["learned"] and at_budget(r, budgets) and "heldout_metric" in r]
+    dense = {r["task"]: r for r in mine if r["variant"] == "peft+thresholds" and r["target_density"] == 1.0}
+    if not dense:
+        return None
+    # The candidates: the variants trained for every task (one candidate set, whatever else a task has).
+    variants = set.intersection(*({r["variant"] for r in mine if r["task"] == t} for t in dense))
+    per_task = {}
+    for task, base in sorted(dense.items()):
+        fine = [r for r in mine if r["task"] == task and r["variant"] in variants
+                and r["heldout_metric"] >= base["heldout_metric"] - tolerance]
+        pick = min(fine, key=lambda r: (r["heldout_deployed_density"], -r["heldout_metric"]))
+        per_task[task] = {"variant": pick["variant"], "target_density": pick["target_density"], "steps": pick["steps"],
+                          "heldout_metric": pick["heldout_metric"], "heldout_dense_peft_metric": base["heldout_metric"],
+                          "heldout_deployed_density": pick["heldout_deployed_density"],
+                          "deployed_density": pick["deployed_density"], "metric": pick["metric"],
+                          "dense_peft_metric": base["metric"], "dense_peft_density": base["deployed_density"],
+                          "density_change": 1 - pick["deployed_density"] / base["deployed_density"],
+                          "metric_delta": pick["metric"] - base["metric"]}
+    change = sum(p["density_change"] for p in per_task.values()) / len(per_task)
+    delta = sum(p["metric_delta"] for p in per_task.values()) / len(per_task)
+    return {"budget_set": name, "budgets": {t: budgets[t] for t in per_task}, "tolerance": tolerance,
+            "candidate_variants": sorted(variants),
+            "tasks": per_task, "avg_density_change": change, "avg_metric_delta": delta,
+            "meets_target": change >= 0.5 and delta >= -0.5}
+
+
+def markdown(rows: list[dict], headline: list[dict] = (), chosen: list[dict] = ()) -> str:
     lines = []
+    for entry in chosen:  # per-task operating points chosen on held-out training examples, scored on dev
+        lines += [f"Operating points chosen on held-out training examples ({entry['budget_set']}; tolerance "
+                  f"{entry['tolerance']:g} point), scored on dev: average deployed-density change "
+                  f"{100 * entry['avg_density_change']:.1f}%, average Δ metric {entry['avg_metric_delta']:+.2f} "
+                  f"(meets target: {'yes' if entry['meets_target'] else 'no'})", "",
+                  "| task | variant | target | held-out metric (dense) | dev density | dev metric (dense) | Δ |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {p['variant']} | {p['target_density']:.2f} | {p['heldout_metric']:.2f} "
+                  f"({p['heldout_dense_peft_metric']:.2f}) | {100 * p['deployed_density']:.2f}% | {p['metric']:.2f} "
+                  f"({p['dense_peft_metric']:.2f}) | {p['metric_delta']:+.2f} |" for t, p in entry["tasks"].items()]
+        lines.append("")
     if headline:  # the summary first: what a reader checks the target against
         lines += ["| budget set | variant | target | tasks (steps) | avg deployed-density change | avg Δ metric | meets target |",
                   "|---|---|---|---|---|---|---|"]
@@ -238,6 +310,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the task's budget, else the method's)")
     ap.add_argument("--targets", nargs="+", type=float, default=list(TARGETS),
                     help="per-layer target densities of the sweeps (1 = untouched)")
+    ap.add_argument("--holdout-samples", type=int, default=0,
+                    help="set this many training examples of each task aside (deft train --holdout-samples), sweep "
+                         "each run on them too, and choose each task's operating point there (the summary's "
+                         "'selection'); 0 = none")
     ap.add_argument("--calibration-samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
@@ -255,13 +331,16 @@ def main() -> None:
     for task in args.tasks:
         chosen = budget(task, args)
         variants = ["peft+thresholds", *[v for v in args.variants if v != "peft+thresholds"]]
-        sweeps, steps = {}, {}
+        sweeps, steps, heldout = {}, {}, {}
         for variant in variants:
             run_dir = Path(args.runs_dir) / task / budget_tag(chosen) / variant
             results = run_or_reuse(config_for(task, variant, args), run_dir, note=f"{variant} ")
             steps[variant] = results["steps"]
             sweeps[variant] = sweep_or_reuse(run_dir, args.targets, calibration_samples=args.calibration_samples,
                                              data_dir=args.data_dir)
+            if args.holdout_samples:
+                heldout[variant] = sweep_or_reuse(run_dir, args.targets, calibration_samples=args.calibration_samples,
+                                                  data_dir=args.data_dir, split="heldout")
             print(f"== {task} {variant}: " + ", ".join(
                 f"{p['target_density']:.2f}→{100 * p['deployed_density']:.1f}%:{100 * p['metric']:.2f}"
                 for p in sweeps[variant]["points"]), flush=True)
@@ -276,23 +355,25 @@ def main() -> None:
         for variant, sweep in sweeps.items():
             rows += rows_of(sweep, task=task, variant=variant, dense=dense, steps=steps[variant], learned=did_learn,
                             model=args.model, mode="greedy" if variant.endswith("+greedy") else "uniform",
-                            budget=chosen)
+                            budget=chosen, heldout=heldout.get(variant))
     if args.gemma_run:
         rows += gemma_rows(Path(args.gemma_run), args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Rows of earlier invocations (other tasks, other budgets) stay unless this one measured them again.
     old = [] if args.fresh or not out.with_suffix(".json").is_file() else json.loads(out.with_suffix(".json").read_text())["rows"]
-    key = lambda r: (r["model"], r["task"], r["variant"], r["steps"])  # noqa: E731
+    key = lambda r: (r["model"], r["task"], r["variant"], r["steps"], r.get("holdout_samples", 0))  # noqa: E731
     fresh = {key(r) for r in rows}
     rows = [r for r in old if key(r) not in fresh] + rows
-    headline = [e for name, b in SUMMARY_BUDGETS.items() for e in summary(rows, b, name)]
+    budget_sets = {**SUMMARY_BUDGETS, **holdout_budgets(rows)}
+    headline = [e for name, b in budget_sets.items() for e in summary(rows, b, name)]
+    chosen_points = [e for name, b in budget_sets.items() if (e := selection(rows, b, name))]
     payload = {"budgets": BUDGETS, "calibration_samples": args.calibration_samples,
                "gemma_calibration_samples": GEMMA_CALIBRATION, "seed": args.seed,
                "units": {"metric": "points (0-100; correlations x 100)", "densities": "fractions in [0, 1]"},
-               "summary": headline, "rows": rows}
+               "summary": headline, "selection": chosen_points, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    out.with_suffix(".md").write_text(markdown(rows, headline))
+    out.with_suffix(".md").write_text(markdown(rows, headline, chosen_points))
     plot(rows, out.with_suffix(".png"))
     print(markdown(rows))
     print(f"wrote {out.with_suffix('.json')}, .md and .png")

@@ -8,7 +8,10 @@ neurons never active on ``--calibration-samples`` training examples removed). Th
 plain dense model, LoRA merged, no thresholds: what would be deployed without DEFT. Both are
 timed side by side on the same dev sentences (``lib.timing.interleaved_medians``: rotating
 order, median of ``--repeats`` ≥ 30 passes), each pass running the sentences in batches of 1
-and of 32; metrics on the full dev set.
+and of 32; metrics on the full dev set. With ``--compile`` both models are also timed compiled by
+``torch.compile`` (inductor, dynamic shapes; the same call for both, outputs checked against eager):
+rows with ``compiled: true`` beside the eager ones — at batch 1 the eager forward's fixed per-op
+cost, which removing neurons cannot shrink, is part of what compilation removes.
 
 Rows: ``batch_size``, ``throughput_ratio`` (sentences/s shrunk / PEFT), ``metric_shrunk``,
 ``metric_peft`` (points), ``neurons_removed_share``, ``blocks_removed`` (MLP blocks left with no
@@ -94,6 +97,15 @@ def timing_batches(runner, tokenizer, args, batch_size: int) -> list[dict]:
     return list(without_labels(loader))
 
 
+def compiled_error(models: dict, batches: list[dict]) -> float:
+    """Largest |logit| difference between each compiled model and its eager self on ``batches``."""
+    worst = 0.0
+    for name in ("peft", "shrunk"):
+        for b in batches[:16]:
+            worst = max(worst, float((models[name + "+compile"](**b).logits - models[name](**b).logits).abs().max()))
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peft-run", default=None, help="PEFT run directory (default: trained under --runs-dir)")
@@ -108,6 +120,8 @@ def main() -> None:
     ap.add_argument("--timing-samples", type=int, default=256, help="dev sentences per timed pass (0 = all)")
     ap.add_argument("--repeats", type=int, default=30, help="timed passes per variant (median; >= 30)")
     ap.add_argument("--max-eval-samples", type=int, default=0, help="dev examples for the metrics (0 = all)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both models compiled by torch.compile (rows with compiled: true)")
     ap.add_argument("--data-dir", default=None, help="data directory (default: the runs', else $DEFT_DATA_DIR)")
     ap.add_argument("--runs-dir", default="runs/shrink", help="where derived (and default) runs go")
     ap.add_argument("--out", default=str(HERE / "results" / "shrink.json"))
@@ -128,6 +142,9 @@ def main() -> None:
     print(f"{runner.task.main_metric}: PEFT {metrics['peft']:.2f}, shrunk DEFT {metrics['shrunk']:.2f}; "
           f"{100 * summary['neurons_removed_share']:.1f}% of MLP neurons removed", flush=True)
 
+    models = {"peft": peft, "shrunk": shrunk}
+    if args.compile:  # the same compilation for both sides; the eager models stay for the eager rows
+        models.update({"peft+compile": torch.compile(peft, dynamic=True), "shrunk+compile": torch.compile(shrunk, dynamic=True)})
     rows = []
     initial_threads = torch.get_num_threads()
     with torch.inference_mode():
@@ -139,18 +156,24 @@ def main() -> None:
             def over(model):
                 return lambda: [model(**b) for b in batches]
 
-            t = interleaved_medians({"peft": over(peft), "shrunk": over(shrunk)}, repeats=args.repeats, warmup=2)
-            med = {k: v["median"] for k, v in t.items()}
-            row = {"batch_size": batch_size, "threads": threads, "throughput_ratio": med["peft"] / med["shrunk"],
-                   "metric_shrunk": metrics["shrunk"], "metric_peft": metrics["peft"],
-                   "neurons_removed_share": summary["neurons_removed_share"],
-                   "blocks_removed": summary["blocks_removed"],
-                   "mlp_params_removed_share": summary["mlp_params_removed_share"],
-                   "sentences_per_pass": sentences, "median_seconds": med,
-                   "throughput": {k: sentences / v for k, v in med.items()}, "repeats": args.repeats}
-            rows.append(row)
-            print(f"batch {batch_size:>3}, {threads} thread(s): PEFT {row['throughput']['peft']:8.1f}/s  shrunk "
-                  f"{row['throughput']['shrunk']:8.1f}/s  (x{row['throughput_ratio']:.3f})", flush=True)
+            variants = {name: over(model) for name, model in models.items()}
+            t = interleaved_medians(variants, repeats=args.repeats, warmup=2)
+            for kind in ("", "+compile") if args.compile else ("",):
+                med = {k: t[k + kind]["median"] for k in ("peft", "shrunk")}
+                row = {"batch_size": batch_size, "threads": threads, "compiled": bool(kind),
+                       "throughput_ratio": med["peft"] / med["shrunk"],
+                       "metric_shrunk": metrics["shrunk"], "metric_peft": metrics["peft"],
+                       "neurons_removed_share": summary["neurons_removed_share"],
+                       "blocks_removed": summary["blocks_removed"],
+                       "mlp_params_removed_share": summary["mlp_params_removed_share"],
+                       "sentences_per_pass": sentences, "median_seconds": med,
+                       "throughput": {k: sentences / v for k, v in med.items()}, "repeats": args.repeats}
+                if kind:
+                    row["max_abs_logit_diff_vs_eager"] = compiled_error(models, batches)
+                rows.append(row)
+                print(f"batch {batch_size:>3}, {threads} thread(s){' compiled' if kind else ''}: PEFT "
+                      f"{row['throughput']['peft']:8.1f}/s  shrunk {row['throughput']['shrunk']:8.1f}/s  "
+                      f"(x{row['throughput_ratio']:.3f})", flush=True)
 
     torch.set_num_threads(initial_threads)
     result = {
@@ -159,7 +182,7 @@ def main() -> None:
                     "load_average": os.getloadavg()},
         "peft_run": str(peft_dir), "deft_run": str(deft_dir), "shrunk_run": str(shrunk_dir),
         "density": args.density, "calibration_samples": args.calibration_samples,
-        "max_dead_share": args.max_dead_share, "main_metric": runner.task.main_metric,
+        "max_dead_share": args.max_dead_share, "main_metric": runner.task.main_metric, "compile": args.compile,
         "shrink": {k: summary[k] for k in ("neurons_before", "neurons_after", "neurons_removed_share",
                                            "blocks_removed", "mlp_params_removed_share", "params_before",
                                            "params_after", "layers")},

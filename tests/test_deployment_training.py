@@ -400,3 +400,56 @@ def test_neuron_masks_end_at_the_target_when_the_step_count_moves_before_step_en
         schedule.on_step_end(None, State(), None)
     for site in sites:
         assert len(modules[site.module].kept_neurons()) == math.ceil(0.1 * site.width)
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_output_rank_keeps_the_neurons_writing_most_to_the_block_output(family):
+    import copy
+
+    from deft.core.layers import is_conv1d, unwrap_model
+    from deft.methods import merge_peft
+
+    base = make_model(family)
+    if any(s.experts for s in find_sites(base)):
+        return  # the neuron form refuses routed experts (test above)
+    down = next(iter(find_sites(base))).down.rsplit(".", 1)[-1]  # LoRA on the down projections too
+    model = get_method("lora").apply(base, {"include_mlp": True, "target_modules": [down]}, task_type=None)
+    sites = find_sites(model)
+    assert all(hasattr(unwrap_model(model).get_submodule(s.down), "lora_A") for s in sites)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # LoRA's update on the down projection must count: make it non-zero
+            p.data.normal_(0, 0.5)
+    # ‖W_down[:, j]‖² by hand, from a merged copy (W + ΔW written into the weight by peft itself)
+    merged = unwrap_model(merge_peft(copy.deepcopy(model)))
+    norms = []
+    for site in sites:
+        layer = merged.get_submodule(site.down)
+        weight = layer.weight.detach()
+        norms.append((weight if is_conv1d(layer) else weight.t()).pow(2).sum(1))  # one value per neuron j
+    modules = add_in_loop_thresholds(model, sites, target=0.25, form="neuron")
+    schedule = threshold_schedule(model, sites, modules, target=0.25, start=0.25, ramp=0.0, every=1, total_steps=4,
+                                  form="neuron", rank="output")
+    inputs = make_inputs(family, batch=2, length=8, pad=2)
+    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type, "act")
+    rows = _Rows(len(sites))
+
+    class State:
+        global_step = 0
+
+    schedule.on_step_begin(None, State(), None)
+    with torch.no_grad(), ActivationCapture(model, inner, meter=rows):
+        model(**inputs)
+    schedule.on_step_end(None, State(), None)
+    differs = False
+    for index, site in enumerate(sites):
+        squares = torch.cat(rows.rows[index]).pow(2).sum(0)
+        count = math.ceil(0.25 * site.width)
+        want = set((squares * norms[index]).topk(count).indices.tolist())
+        assert set(modules[site.module].kept_neurons()) == want
+        differs |= want != set(squares.topk(count).indices.tolist())
+    assert differs, "the output rank chose the RMS rank's neurons everywhere: the test shows nothing"
+    with pytest.raises(ValueError, match="neuron rank"):
+        threshold_schedule(model, sites, modules, target=0.25, rank="weight")
+    with pytest.raises(ValueError, match="train_density_form 'neuron' only"):
+        TrainConfig(train_density=0.5, neuron_rank="output")

@@ -106,6 +106,10 @@ def train_args(p):
     p.add_argument("--max-train-samples", type=int, default=None,
                    help=f"training subset size (default {d('max_train_samples')} — a laptop-sized run; 0 = the full set)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="evaluation subset size (default: all; 0 = all)")
+    p.add_argument("--holdout-samples", type=int, default=None,
+                   help="GLUE: set this many training examples aside, never trained on (split 'heldout' of "
+                        "deft eval / density-sweep), to choose a density on without touching dev "
+                        f"(default {d('holdout_samples')})")
     p.add_argument("--threshold", type=float, default=None,
                    help=f"τ of the reported |a| > τ density (default {d('threshold'):g})")
     p.add_argument("--evals-per-epoch", type=int, default=None,
@@ -142,6 +146,13 @@ def train_args(p):
                    help="with --train-density-form neuron: a removed neuron outputs 0 (zero) or its mean over the "
                         "real tokens (mean: plain MLPs; ranked by variance, folded into the down bias by "
                         f"`deft shrink`; default {d('neuron_fill')})")
+    g.add_argument("--neuron-rank", default=None, choices=("rms", "output"),
+                   help="with --train-density-form neuron: keep the neurons of largest RMS (rms) or of largest "
+                        "RMS x down-projection column norm, what each writes to the block's output "
+                        f"(output; default {d('neuron_rank')})")
+    g.add_argument("--neuron-rank-steps", type=int, default=None,
+                   help="with --train-density-form neuron: rank the neurons on the activations of this many steps "
+                        f"up to each re-choice, not that step's batch alone (default {d('neuron_rank_steps')})")
     g.add_argument("--no-ste", action="store_true",
                    help="block the gradient at zeroed entries (default: straight-through)")
     g.add_argument("--activation", default=None, choices=("relu", "shifted-relu"),
@@ -240,7 +251,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 AT_LEAST = {"max_samples": 0, "max_train_samples": 0, "max_eval_samples": 0, "lam": 0, "threshold": 0,
             "skip_threshold": 0, "zero_threshold": 0, "batch_size": 1, "eval_batch_size": 1,
             "max_length": 1, "grad_accum": 1, "evals_per_epoch": 1, "save_steps": 1, "tau_every": 1,
-            "calibration_samples": 1, "repeats": 1}
+            "neuron_rank_steps": 1, "holdout_samples": 0, "calibration_samples": 1, "repeats": 1}
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

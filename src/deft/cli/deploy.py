@@ -132,7 +132,7 @@ def cmd_density_sweep(args) -> int:
 
     payload = density_sweep(args.run, args.densities, mode=args.mode, calibration_samples=args.calibration_samples,
                             max_samples=args.max_samples, batch_size=args.batch_size, data_dir=args.data_dir,
-                            point=args.point)
+                            point=args.point, split=args.split)
     out = _Path(args.output)
     write_json(out / "sweep.json", payload)
     plot_density_sweep(payload, out / "sweep.png")
@@ -208,6 +208,9 @@ def add_commands(sub) -> None:
     p.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES),
                    help=f"target densities (1 = untouched; default {' '.join(f'{d:g}' for d in DEFAULT_DENSITIES)})")
     _threshold_options(p)
+    p.add_argument("--split", default=None,
+                   help="split to score on (default: the task's dev split; 'heldout': the runs' held-out "
+                        "training examples, deft train --holdout-samples)")
     p.add_argument("--output", required=True, help="directory for sweep.json and sweep.png")
     p.set_defaults(func=cmd_density_sweep)
 

@@ -124,7 +124,8 @@ TRAIN_OPTIONS = {
     "activation": "activation", "activation_shift": "activation_shift", "train_density": "train_density",
     "train_density_start": "train_density_start", "train_density_ramp": "train_density_ramp",
     "tau_every": "tau_every", "save_steps": "save_steps", "train_density_form": "train_density_form",
-    "neuron_fill": "neuron_fill",
+    "neuron_fill": "neuron_fill", "holdout_samples": "holdout_samples",
+    "neuron_rank": "neuron_rank", "neuron_rank_steps": "neuron_rank_steps",
 }
 DENSITY_OPTIONS = {"lam": "weight", "approx": "approx", "eps": "eps", "beta": "beta",
                    "encoder_weight": "encoder_weight", "decoder_weight": "decoder_weight",
@@ -199,7 +200,9 @@ def cmd_compare(args) -> int:
 def _read_glue_split(task, split: str | None, data_dir: str | None) -> None:
     from ..tasks import load_glue
 
-    load_glue(task.name, split or task.dev_split, data_dir=data_dir)
+    from ..tasks.glue import HELDOUT_SPLIT
+
+    load_glue(task.name, "train" if split == HELDOUT_SPLIT else split or task.dev_split, data_dir=data_dir)
 
 
 def _read_squad_split(task, split: str | None, data_dir: str | None) -> None:
@@ -222,8 +225,8 @@ def cmd_eval(args) -> int:
 
     run = finished_run(args.run)
     runner = task_runner(TrainConfig.from_dict(run.read_config()), args.task)
-    if args.split:
-        runner.task.resolve_split(args.split)
+    if args.split:  # the runner's own names first: a GLUE run's "heldout" (--holdout-samples)
+        getattr(runner, "resolve_split", runner.task.resolve_split)(args.split)
     if runner.task.kind in SPLIT_READERS:
         SPLIT_READERS[runner.task.kind](runner.task, args.split, args.data_dir or runner.config.data_dir)
     config, model, tokenizer = load_run(args.run)

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.thresholds import apply_thresholds
-from ..training import RunDir, load_run, task_runner
+from ..training import RunDir, TrainConfig, load_run, task_runner
 from .sparsify import (DEFAULT_CALIBRATION_SAMPLES, MODES, calibrate, choose_thresholds, evaluation_summary,
                        neuron_masks, reset_thresholds)
 
@@ -28,9 +28,10 @@ def check_densities(densities: Sequence[float]) -> list[float]:
 def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENSITIES, *, mode: str = "uniform",
                   calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, max_samples: int | None = None,
                   batch_size: int | None = None, data_dir: str | None = None, progress: bool = True,
-                  point: str = "act") -> dict:
+                  point: str = "act", split: str | None = None) -> dict:
     """The ``sweep.json`` payload: per run, per target density (1 = untouched, no thresholds), the
-    metric, the deployed exact density and the union density on the run's evaluation split."""
+    metric, the deployed exact density and the union density on ``split`` (default: the run's
+    evaluation split; ``heldout``: its held-out training examples)."""
     targets = check_densities(densities)
     if mode not in MODES:
         raise ValueError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -40,6 +41,9 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
         raise ValueError(f"--calibration-samples must be >= 1, got {calibration_samples}")
     for run in runs:
         RunDir(run).check()
+        if split:  # a split the run cannot score fails before any model loads
+            runner = task_runner(TrainConfig.from_dict(RunDir(run).read_config()))
+            getattr(runner, "resolve_split", lambda s: s)(split)
     entries = []
     for run in runs:
         config, model, tokenizer = load_run(run)
@@ -49,7 +53,8 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
         calibration = calibrate(model, tokenizer, config, samples=calibration_samples, data_dir=data_dir,
                                 rows=mode == "greedy", point=point)
         runner = task_runner(replace(config, site_point=point))  # density read where the zeros are
-        options = dict(max_samples=max_samples, batch_size=batch_size, data_dir=data_dir, progress=progress)
+        options = dict(max_samples=max_samples, batch_size=batch_size, data_dir=data_dir, progress=progress,
+                       **({"split": split} if split else {}))
         points = []
         for target in targets:
             reset_thresholds(model, masks)
@@ -71,7 +76,7 @@ def density_sweep(runs: Sequence[str], densities: Sequence[float] = DEFAULT_DENS
                         "mode": config.mode, "method": config.method, "model": config.model, "task": config.task,
                         "main_metric": runner.task.main_metric, "points": points})
     return {"threshold_mode": mode, "point": point, "calibration_samples": calibration_samples,
-            "eval_max_samples": max_samples,
+            "eval_max_samples": max_samples, "split": split,
             "runs": entries}
 
 

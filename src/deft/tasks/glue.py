@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from deft.tasks.holdout import HELDOUT_SPLIT, holdout_indices
 from deft.tasks.hub import DATA_DIR_ENV, load_hub_dataset
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "GLUE_TASKS",
     "HUB_DATASET",
     "GlueTask",
+    "HELDOUT_SPLIT",
     "compute_glue_metrics",
     "glue_task",
+    "holdout_indices",
     "load_glue",
     "normalize_task_name",
     "predictions_from_logits",
@@ -390,6 +393,7 @@ def load_glue(
     data_dir: str | os.PathLike[str] | None = None,
     max_samples: int | None = None,
     seed: int = 0,
+    holdout: int = 0,
 ) -> datasets.Dataset:
     """Load one GLUE split with columns ``text_a``[, ``text_b``], ``label``, ``idx``.
 
@@ -404,13 +408,25 @@ def load_glue(
         max_samples: if set and smaller than the split, keep a random subset of that size: the
             first ``max_samples`` of a permutation seeded by ``seed``, in original row order.
             Deterministic for a given seed, and smaller subsets are contained in larger ones.
-        seed: seed for ``max_samples`` subsampling.
+        seed: seed for ``max_samples`` subsampling (and for the held-out rows).
+        holdout: set this many training examples aside (:func:`holdout_indices`): ``train`` is
+            then the rest, and the pseudo-split ``heldout`` (:data:`HELDOUT_SPLIT`) is them — data
+            to choose an operating point on without touching dev.
 
     Raises:
         FileNotFoundError: the data directory or the split's tsv file in it does not exist.
         ValueError: unknown task or split, or a malformed tsv row.
     """
     spec = glue_task(task)
+    if holdout < 0:
+        raise ValueError(f"holdout must be >= 0, got {holdout}")
+    if split == HELDOUT_SPLIT or (holdout and spec.resolve_split(split) == "train"):
+        if not holdout:
+            raise ValueError(f"split {HELDOUT_SPLIT!r} needs holdout > 0 (examples set aside from train)")
+        full = load_glue(spec, "train", data_dir=data_dir)
+        aside = holdout_indices(len(full), holdout, seed)
+        keep = aside if split == HELDOUT_SPLIT else np.setdiff1d(np.arange(len(full)), aside)
+        return _subsample(full.select(keep.tolist()), max_samples, seed)
     split = spec.resolve_split(split)
     glue_dir = resolve_data_dir(data_dir)
     if glue_dir is None:

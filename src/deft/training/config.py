@@ -64,6 +64,7 @@ class TrainConfig:
     max_length: int | None = None  # None → the task's (GLUE 128, SQuAD 384)
     max_train_samples: int | None = 2000
     max_eval_samples: int | None = None
+    holdout_samples: int = 0  # training examples set aside (GLUE split "heldout"): an operating point chosen off dev
     warmup_ratio: float = 0.06
     lambda_warmup: float | None = None  # None → METHOD_PRESETS
     weight_decay: float = 0.0
@@ -89,6 +90,8 @@ class TrainConfig:
     tau_every: int = 10  # steps between re-calibrations of the in-loop thresholds
     train_density_form: str = "token"  # the in-loop zeros: entries |a| ≤ τ ("token") or whole neurons ("neuron")
     neuron_fill: str = "zero"  # neuron form: a removed neuron outputs 0 ("zero") or its mean over real tokens ("mean")
+    neuron_rank: str = "rms"  # neuron form: rank neurons by σ's RMS ("rms") or by Σa²·‖W_down[:, j]‖² ("output")
+    neuron_rank_steps: int = 1  # neuron form: steps whose activations each re-ranking reads (1: its own step's)
     ste: bool = True  # straight-through gradient at the zeroed entries (False: blocked, as ReLU)
 
     def __post_init__(self):
@@ -106,6 +109,10 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "max_length", "gradient_accumulation_steps", "evals_per_epoch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.holdout_samples < 0:
+            raise ValueError(f"holdout_samples must be >= 0, got {self.holdout_samples}")
+        if self.holdout_samples and get_task(self.task).kind != "glue":
+            raise ValueError(f"holdout_samples sets GLUE training examples aside; {self.task} is not a GLUE task")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"save_steps must be >= 1, got {self.save_steps}")
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -124,6 +131,14 @@ class TrainConfig:
                 raise ValueError(f"unknown neuron_fill {self.neuron_fill!r}; choose zero or mean")
             if self.neuron_fill != "zero" and self.train_density_form != "neuron":
                 raise ValueError("neuron_fill applies to train_density_form 'neuron' only")
+            if self.neuron_rank not in ("rms", "output"):
+                raise ValueError(f"unknown neuron_rank {self.neuron_rank!r}; choose rms or output")
+            if self.neuron_rank != "rms" and self.train_density_form != "neuron":
+                raise ValueError("neuron_rank applies to train_density_form 'neuron' only")
+            if self.neuron_rank_steps < 1:
+                raise ValueError(f"neuron_rank_steps must be >= 1, got {self.neuron_rank_steps}")
+            if self.neuron_rank_steps > 1 and self.train_density_form != "neuron":
+                raise ValueError("neuron_rank_steps applies to train_density_form 'neuron' only")
             if self.tau_every < 1:
                 raise ValueError(f"tau_every must be >= 1, got {self.tau_every}")
 

@@ -152,7 +152,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         trainer.add_callback(threshold_schedule(
             model, sites, in_loop, target=config.train_density, start=config.train_density_start,
             ramp=config.train_density_ramp, every=config.tau_every, total_steps=total_steps,
-            form=config.train_density_form, fill=config.neuron_fill))
+            form=config.train_density_form, fill=config.neuron_fill, rank=config.neuron_rank,
+            window=config.neuron_rank_steps))
     if config.density_loss is not None and config.density.eps_final is not None:
         trainer.add_callback(epsilon_schedule(trainer.capture, config.density, total_steps))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None

@@ -9,7 +9,9 @@
   thresholded one — the deployed model is the one that trained.
   With ``form="neuron"`` the zeros are whole neurons instead of entries: each block keeps the
   neurons of largest root-mean-square over the step's real tokens, the others are 0 on every
-  token. The mask is re-chosen while the target ramps and fixed from the end of the ramp, so the
+  token (``rank="output"``: largest Σa² · ‖W_down[:, j]‖², what the neuron writes to the block's
+  output, so a neuron with small activations but a large down column is not the first to go).
+  The mask is re-chosen while the target ramps and fixed from the end of the ramp, so the
   rest of training adapts to the neurons the deployed model keeps; ``deft shrink`` then removes
   the others exactly — a smaller dense model at every batch size (encoders).
   With ``fill="mean"`` (plain MLPs) a removed neuron is not 0 but its mean over the step's real
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.capture import ActivationCapture
-from ..core.layers import set_module, unwrap_model
+from ..core.layers import dense_layer, is_conv1d, set_module, unwrap_model
 from ..core.sites import SiteMap
 from ..core.thresholds import (MagnitudeSampler, ThresholdedActivation, Thresholds, quantile_of_magnitudes,
                                threshold_path)
@@ -39,6 +41,21 @@ from ..core.thresholds import (MagnitudeSampler, ThresholdedActivation, Threshol
 
 FORMS = ("token", "neuron")  # what the in-loop zeros are: entries |a| ≤ τ, or whole neurons
 FILLS = ("zero", "mean")  # what a removed neuron outputs (neuron form): 0, or its mean over real tokens
+RANKS = ("rms", "output")  # how the neuron form ranks neurons: σ's RMS, or what the neuron writes to the residual
+
+
+@torch.no_grad()
+def down_column_norms(model: nn.Module, site) -> torch.Tensor:
+    """‖W_down[:, j]‖² per neuron j of ``site``'s block, LoRA's update on the down projection included:
+    how strongly a unit of neuron j's activation reaches the block's output."""
+    layer = unwrap_model(model).get_submodule(site.down)
+    weight = dense_layer(layer).weight.detach().float()
+    if hasattr(layer, "get_delta_weight"):  # peft LoRA: W + ΔW of the active adapters, in W's layout
+        for name in getattr(layer, "active_adapters", []):
+            if name in getattr(layer, "lora_A", {}):
+                weight = weight + layer.get_delta_weight(name).float()
+    out_in = weight.t() if is_conv1d(dense_layer(layer)) else weight
+    return out_in.pow(2).sum(0).double().cpu()
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -101,13 +118,16 @@ class NeuronEnergy:
     def mean(self, index: int) -> torch.Tensor:
         return (self.sums[index] / max(1, self.tokens[index])).float()
 
-    def top(self, index: int, density: float, fill: str = "zero") -> torch.Tensor:
+    def top(self, index: int, density: float, fill: str = "zero", weight: torch.Tensor | None = None) -> torch.Tensor:
         """The bool mask keeping the ⌈density · width⌉ neurons that lose most when replaced by the
         fill (ties: lower index): largest Σa² (RMS) for a zero fill, largest Σ(a − mean)²
-        (variance) for the mean."""
+        (variance) for the mean; each times ``weight`` (per neuron) where given — with ‖W_down[:, j]‖²,
+        the energy the neuron writes to the block's output."""
         score = self.squares[index]
         if fill == "mean":
             score = score - self.sums[index].pow(2) / max(1, self.tokens[index])
+        if weight is not None:
+            score = score * weight
         count = min(score.numel(), max(1, math.ceil(density * score.numel() - 1e-9)))
         keep = torch.zeros(score.numel(), dtype=torch.bool)
         keep[torch.sort(-score, stable=True).indices[:count]] = True
@@ -163,8 +183,12 @@ def _callback_base():
 
 def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLoopThreshold], *, target: float,
                        start: float = 1.0, ramp: float = 0.5, every: int = 10, total_steps: int = 1,
-                       form: str = "token", fill: str = "zero"):
+                       form: str = "token", fill: str = "zero", rank: str = "rms", window: int = 1):
     """A ``TrainerCallback`` re-calibrating the in-loop thresholds (module doc)."""
+    if rank not in RANKS:
+        raise ValueError(f"unknown neuron rank {rank!r}; choose one of {RANKS}")
+    if window < 1:
+        raise ValueError(f"the neuron ranking's window is >= 1 step, got {window}")
     inner_sites = [replace(s, module=f"{threshold_path(unwrap_model(model), s.module)}.inner") for s in sites]
     ramp_steps = max(1, int(ramp * total_steps))
 
@@ -173,6 +197,7 @@ def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLo
             self.capture: ActivationCapture | None = None
             self.meter: MagnitudeSampler | NeuronEnergy | None = None
             self.seen = False
+            self.seen_once = False  # the first step re-chooses at once (a resumed run has no masks)
             self.begin_step = 0
 
         def density_at(self, step: int) -> float:
@@ -186,9 +211,14 @@ def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLo
                 return ramping or (fill == "mean" and step % every == 0)  # means keep being re-measured
             return step % every == 0
 
+        def measuring(self, step: int) -> bool:
+            """Whether this step's activations count toward a re-calibration: the one at its end, or
+            (neuron form, ``window`` > 1) one of the next ``window`` − 1 steps' ends."""
+            return any(self.due(s) for s in range(step, step + (window if form == "neuron" else 1)))
+
         def on_step_begin(self, args, state, control, **kwargs):
             self.begin_step = state.global_step  # the Trainer counts the step done before on_step_end
-            if self.due(state.global_step):
+            if self.capture is None and self.measuring(state.global_step):
                 # σ's own output (inside the threshold), on real tokens of this step's batches
                 self.meter = MagnitudeSampler(len(inner_sites)) if form == "token" else \
                     NeuronEnergy([s.width for s in sites])
@@ -199,13 +229,17 @@ def threshold_schedule(model: nn.Module, sites: SiteMap, modules: dict[str, InLo
         def on_step_end(self, args, state, control, **kwargs):
             if self.capture is None:
                 return
+            if window > 1 and form == "neuron" and not self.due(self.begin_step) and self.seen_once:
+                return  # still measuring: the masks are re-chosen at the window's last step
+            self.seen_once = True
             self.capture.detach()
             density = self.density_at(state.global_step)
             if form == "neuron":
                 for index, site in enumerate(sites):
                     module = modules[site.module]
                     if self.begin_step <= ramp_steps or module.keep is None and density < 1:
-                        module.keep = self.meter.top(index, density, fill) if density < 1 else None
+                        weight = down_column_norms(model, site) if rank == "output" and density < 1 else None
+                        module.keep = self.meter.top(index, density, fill, weight) if density < 1 else None
                     module.fill = None if fill == "zero" or module.keep is None else \
                         self.meter.mean(index).masked_fill(module.keep, 0)
             else:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ...core.evaluation import evaluate
 from ...core.sites import find_sites
-from ..glue import compute_glue_metrics, load_glue, predictions_from_logits
+from ..glue import HELDOUT_SPLIT, compute_glue_metrics, load_glue, predictions_from_logits
 from .base import TaskEvaluation, TaskRunner
 
 
@@ -59,7 +59,8 @@ class GlueRunner(TaskRunner):
 
     def datasets(self, tokenizer):
         c = self.config
-        train = load_glue(self.task.name, "train", data_dir=c.data_dir, max_samples=c.max_train_samples, seed=c.seed)
+        train = load_glue(self.task.name, "train", data_dir=c.data_dir, max_samples=c.max_train_samples, seed=c.seed,
+                          holdout=c.holdout_samples)
         dev = load_glue(self.task.name, self.task.dev_split, data_dir=c.data_dir, max_samples=c.max_eval_samples,
                         seed=c.seed)
         return tokenize_glue(train, tokenizer, c.max_length), tokenize_glue(dev, tokenizer, c.max_length)
@@ -76,6 +77,13 @@ class GlueRunner(TaskRunner):
 
         return compute
 
+    def resolve_split(self, split: str | None) -> str:
+        """Canonical name of ``split`` (default: the dev split); ``heldout`` is the run's held-out
+        training examples, where it has any."""
+        if split == HELDOUT_SPLIT and not self.config.holdout_samples:
+            raise ValueError(f"split {HELDOUT_SPLIT!r}: this run set no training examples aside (--holdout-samples)")
+        return split if split == HELDOUT_SPLIT else self.task.resolve_split(split) if split else self.task.dev_split
+
     def eval_samples(self, split: str, max_samples: int | None) -> int | None:
         """Examples to evaluate on: the run's own evaluation subset on its dev split unless told
         (same seed, so an evaluation reproduces the run's), 0 = all."""
@@ -89,7 +97,7 @@ class GlueRunner(TaskRunner):
         given (None = all); ``seed`` default the run's."""
         c = self.config
         data = load_glue(self.task.name, split, data_dir=data_dir or c.data_dir, max_samples=max_samples,
-                         seed=c.seed if seed is None else seed)
+                         seed=c.seed if seed is None else seed, holdout=c.holdout_samples)
         return data, make_loader(tokenize_glue(data, tokenizer, c.max_length), tokenizer, batch_size)
 
     def calibration_batches(self, tokenizer, model, *, samples, batch_size, data_dir=None):
@@ -99,7 +107,7 @@ class GlueRunner(TaskRunner):
     def evaluate_model(self, model, tokenizer, *, split=None, data_dir=None, max_samples=None, batch_size=None,
                        threshold=None, progress=True) -> TaskEvaluation:
         c = self.config
-        split = self.task.resolve_split(split) if split else self.task.dev_split
+        split = self.resolve_split(split)
         data, loader = self.loader(tokenizer, split, max_samples=self.eval_samples(split, max_samples),
                                    batch_size=batch_size or c.eval_batch_size, data_dir=data_dir)
         out = evaluate(model, loader, sites=find_sites(model, c.site_point),
