@@ -188,6 +188,22 @@ class _Rows:
         pass
 
 
+def _first_ranking_step(model, sites, schedule, inputs) -> _Rows:
+    """Step 0 of ``schedule`` on ``inputs`` (it re-chooses the masks at its end), with σ's own output
+    (inside the in-loop threshold) recorded per site: what the ranking is checked against by hand."""
+    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type, "act")
+    rows = _Rows(len(sites))
+
+    class State:
+        global_step = 0
+
+    schedule.on_step_begin(None, State(), None)
+    with torch.no_grad(), ActivationCapture(model, inner, meter=rows):
+        model(**inputs)
+    schedule.on_step_end(None, State(), None)
+    return rows
+
+
 @pytest.mark.parametrize("family", TEXT_FAMILIES)
 def test_neuron_form_keeps_the_largest_rms_neurons_and_zeroes_the_rest_on_every_token(family):
     model = get_method("lora").apply(make_model(family), {"include_mlp": True}, task_type=None)
@@ -200,17 +216,12 @@ def test_neuron_form_keeps_the_largest_rms_neurons_and_zeroes_the_rest_on_every_
     schedule = threshold_schedule(model, sites, modules, target=0.25, start=0.25, ramp=0.0, every=1, total_steps=4,
                                   form="neuron")
     inputs = make_inputs(family, batch=2, length=8, pad=2)
-    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type, "act")
-    rows = _Rows(len(sites))
     model.train()
+    rows = _first_ranking_step(model, sites, schedule, inputs)
 
     class State:
         global_step = 0
 
-    schedule.on_step_begin(None, State(), None)
-    with torch.no_grad(), ActivationCapture(model, inner, meter=rows):
-        model(**inputs)
-    schedule.on_step_end(None, State(), None)
     for index, site in enumerate(sites):  # by hand: sum of squares over real tokens, the top ⌈0.25 w⌉
         squares = torch.cat(rows.rows[index]).pow(2).sum(0)
         want = set(squares.topk(math.ceil(0.25 * site.width)).indices.tolist())
@@ -299,17 +310,8 @@ def test_mean_fill_ranks_by_variance_and_holds_removed_neurons_at_their_mean(fam
     schedule = threshold_schedule(model, sites, modules, target=0.25, start=0.25, ramp=0.0, every=1, total_steps=4,
                                   form="neuron", fill="mean")
     inputs = make_inputs(family, batch=2, length=8, pad=2)
-    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type, "act")
-    rows = _Rows(len(sites))
-
-    class State:
-        global_step = 0
-
     model.eval()
-    schedule.on_step_begin(None, State(), None)
-    with torch.no_grad(), ActivationCapture(model, inner, meter=rows):
-        model(**inputs)
-    schedule.on_step_end(None, State(), None)
+    rows = _first_ranking_step(model, sites, schedule, inputs)
     outer = _Rows(len(sites))
     with torch.no_grad(), ActivationCapture(model, sites, meter=outer):
         model(**inputs)
@@ -430,17 +432,7 @@ def test_output_rank_keeps_the_neurons_writing_most_to_the_block_output(family):
     modules = add_in_loop_thresholds(model, sites, target=0.25, form="neuron")
     schedule = threshold_schedule(model, sites, modules, target=0.25, start=0.25, ramp=0.0, every=1, total_steps=4,
                                   form="neuron", rank="output")
-    inputs = make_inputs(family, batch=2, length=8, pad=2)
-    inner = SiteMap(tuple(replace(s, module=f"{s.module}.inner") for s in sites), sites.family, sites.model_type, "act")
-    rows = _Rows(len(sites))
-
-    class State:
-        global_step = 0
-
-    schedule.on_step_begin(None, State(), None)
-    with torch.no_grad(), ActivationCapture(model, inner, meter=rows):
-        model(**inputs)
-    schedule.on_step_end(None, State(), None)
+    rows = _first_ranking_step(model, sites, schedule, make_inputs(family, batch=2, length=8, pad=2))
     differs = False
     for index, site in enumerate(sites):
         squares = torch.cat(rows.rows[index]).pow(2).sum(0)
