@@ -136,3 +136,20 @@ def test_train_cli_sets_examples_aside(tmp_path):
 
     args = build_parser().parse_args(["train", "--holdout-samples", "25", "--output", str(tmp_path / "r")])
     assert train_config(args).holdout_samples == 25
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--holdout-samples", "-1"], "--holdout-samples"),
+    (["--train-density", "0.1", "--train-density-form", "neuron", "--neuron-rank-steps", "0"], "--neuron-rank-steps"),
+    (["--train-density", "0.1", "--neuron-rank", "weight"], "--neuron-rank"),
+    (["--task", "squad", "--holdout-samples", "10"], "not a GLUE task"),
+])
+def test_bad_train_options_are_one_line_and_write_nothing(tmp_path, capsys, argv, needle):
+    out = tmp_path / "never"
+    try:
+        code = main(["train", *argv, "--output", str(out)])
+    except SystemExit as stop:  # argparse's own refusals (a choice not offered) exit from the parser
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and not out.exists()
