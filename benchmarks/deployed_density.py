@@ -77,6 +77,14 @@ VARIANTS = {
     "peft+train_density=0.1+form=neuron+ste=false+rank=output+rank_steps=10": (
         "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_rank": "output",
                  "neuron_rank_steps": 10}, {}),
+    # "+distill": the loss also matches the dense PEFT run of the same budget (deft train --distill-from).
+    "peft+train_density=0.4+distill": ("peft", {"train_density": 0.4, "distill": True}, {}),
+    "peft+train_density=0.1+distill": ("peft", {"train_density": 0.1, "distill": True}, {}),
+    "peft+train_density=0.1+form=neuron+ste=false+distill": (
+        "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "distill": True}, {}),
+    "peft+train_density=0.1+form=neuron+ste=false+rank=output+distill": (
+        "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_rank": "output",
+                 "distill": True}, {}),
     "peft+train_density=0.1+form=neuron+ste=false+fill=mean": (
         "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_fill": "mean"}, {}),
     "peft+train_density=0.2+form=neuron+ste=false+fill=mean": (
@@ -119,6 +127,9 @@ def budget_tag(chosen: dict) -> str:
 def config_for(task: str, variant: str, args) -> TrainConfig:
     mode, overrides, density = VARIANTS[variant]
     chosen = budget(task, args)
+    if overrides.get("distill"):  # the teacher: this budget's dense PEFT run, trained first
+        overrides = {**{k: v for k, v in overrides.items() if k != "distill"},
+                     "distill_from": str(Path(args.runs_dir) / task / budget_tag(chosen) / "peft+thresholds")}
     long_run = {"save_steps": 50} if (chosen["max_train_samples"] or 10**9) > 2000 else {}  # resume mid-way
     base = TrainConfig(task=task, mode=mode, model=args.model, data_dir=args.data_dir, seed=args.seed,
                        **{**chosen, "max_train_samples": chosen["max_train_samples"] or None}, **long_run)

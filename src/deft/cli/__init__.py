@@ -153,6 +153,14 @@ def train_args(p):
     g.add_argument("--neuron-rank-steps", type=int, default=None,
                    help="with --train-density-form neuron: rank the neurons on the activations of this many steps "
                         f"up to each re-choice, not that step's batch alone (default {d('neuron_rank_steps')})")
+    g.add_argument("--distill-from", default=None, metavar="RUN",
+                   help="distillation: also match this finished run's outputs (the dense PEFT run of the same task "
+                        "and model), KL at temperature T (squared error for a regression head) "
+                        "(default: none)")
+    g.add_argument("--distill-weight", type=float, default=None,
+                   help=f"... w of the loss (1 - w)·task + w·distillation (default {d('distill_weight'):g})")
+    g.add_argument("--distill-temperature", type=float, default=None,
+                   help=f"... T (default {d('distill_temperature'):g})")
     g.add_argument("--no-ste", action="store_true",
                    help="block the gradient at zeroed entries (default: straight-through)")
     g.add_argument("--activation", default=None, choices=("relu", "shifted-relu"),

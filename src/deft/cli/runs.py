@@ -125,7 +125,8 @@ TRAIN_OPTIONS = {
     "train_density_start": "train_density_start", "train_density_ramp": "train_density_ramp",
     "tau_every": "tau_every", "save_steps": "save_steps", "train_density_form": "train_density_form",
     "neuron_fill": "neuron_fill", "holdout_samples": "holdout_samples",
-    "neuron_rank": "neuron_rank", "neuron_rank_steps": "neuron_rank_steps",
+    "neuron_rank": "neuron_rank", "neuron_rank_steps": "neuron_rank_steps", "distill_from": "distill_from",
+    "distill_weight": "distill_weight", "distill_temperature": "distill_temperature",
 }
 DENSITY_OPTIONS = {"lam": "weight", "approx": "approx", "eps": "eps", "beta": "beta",
                    "encoder_weight": "encoder_weight", "decoder_weight": "decoder_weight",

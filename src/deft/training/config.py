@@ -93,6 +93,10 @@ class TrainConfig:
     neuron_rank: str = "rms"  # neuron form: rank neurons by σ's RMS ("rms") or by Σa²·‖W_down[:, j]‖² ("output")
     neuron_rank_steps: int = 1  # neuron form: steps whose activations each re-ranking reads (1: its own step's)
     ste: bool = True  # straight-through gradient at the zeroed entries (False: blocked, as ReLU)
+    # Distillation (deft.training.distill): the loss is (1 − w)·task + w·KL to a trained run's outputs.
+    distill_from: str | None = None  # the teacher: a finished run of the same task and model (the dense PEFT run)
+    distill_weight: float = 0.5  # w
+    distill_temperature: float = 2.0  # T of the softened distributions (regression heads: squared error)
 
     def __post_init__(self):
         if isinstance(self.density, dict):
@@ -141,6 +145,11 @@ class TrainConfig:
                 raise ValueError("neuron_rank_steps applies to train_density_form 'neuron' only")
             if self.tau_every < 1:
                 raise ValueError(f"tau_every must be >= 1, got {self.tau_every}")
+
+        if not 0 < self.distill_weight <= 1:
+            raise ValueError(f"distill_weight is a share of the loss in (0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
     @property
     def density_loss(self) -> DensityLossConfig | None:

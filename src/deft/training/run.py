@@ -27,6 +27,7 @@ from ..io.models import ensure_pad_token, load_tokenizer, model_load_errors, res
 from ..methods import get_method, trainable_parameters
 from ..tasks.runners import TaskRunner, runner_for
 from .config import TrainConfig
+from .distill import check_teacher, frozen_teacher
 from .rundir import RunDir
 from .schedules import add_in_loop_thresholds, epsilon_schedule, threshold_schedule, to_deployed
 from .trainer import make_deft_trainer
@@ -86,6 +87,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         if json.loads(json.dumps(saved)) != json.loads(json.dumps(config.to_dict())):
             raise ValueError(f"--resume: {run / RunDir.CONFIG} was written with different settings; "
                              "resume with the same options or use a new --output")
+    if config.distill_from:
+        check_teacher(config.distill_from, config)  # a wrong teacher fails before any data or model loads
     runner = task_runner(config)
     task = runner.task
     tokenizer = load_tokenizer(config.model, config.tokenizer)
@@ -96,6 +99,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
                          f"(data dir {config.data_dir or 'the hub'}): the file holds a header only?")
     set_seed(config.seed)
     method, method_config, model = build_model(config, tokenizer, runner)  # may fail: nothing written yet
+    teacher = load_teacher(config) if config.distill_from else None  # so may this
     if overwrite and not resume and run.checkpoints.is_dir() and int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(run.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +149,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
         lambda_warmup_steps=int(config.lambda_warmup * total_steps), loss_counts_items=runner.loss_counts_items,
         model=model, args=args, train_dataset=train_set, eval_dataset=dev_set,
         data_collator=runner.collator(tokenizer, model), compute_metrics=runner.compute_metrics(),
-        processing_class=tokenizer,
+        processing_class=tokenizer, teacher=teacher, distill_weight=config.distill_weight,
+        distill_temperature=config.distill_temperature,
         callbacks=[checkpoint_callback(adaptive)] if adaptive else None,
     )
     if in_loop:
@@ -193,6 +198,16 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     if main_process:
         run.write_json(RunDir.RESULTS, results)
     return results
+
+
+def load_teacher(config: TrainConfig) -> nn.Module:
+    """The run ``config`` distils from (:mod:`deft.training.distill`), frozen in evaluation mode."""
+    path = check_teacher(config.distill_from, config)
+    # A fork of the RNG: loading the teacher (its head is drawn, then overwritten) must not change
+    # the student's data order or dropout.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        _, teacher, _ = load_run(path)
+    return frozen_teacher(teacher)
 
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, nn.Module, object]:

@@ -15,6 +15,7 @@ from ..core.loss import DensityLossConfig, combine_terms
 from ..core.metrics import DensityMeter
 from ..core.sites import SiteMap
 from ..core.thresholds import applied_thresholds
+from .distill import distillation_term, token_masks
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,8 +29,16 @@ def _trainer_base():
 
 
 def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, threshold: float,
-                      lambda_warmup_steps: int = 0, loss_counts_items: bool | None = None, **trainer_kwargs):
-    """A :class:`transformers.Trainer` that adds λ·L_density and measures density at evaluation."""
+                      lambda_warmup_steps: int = 0, loss_counts_items: bool | None = None,
+                      teacher: torch.nn.Module | None = None, distill_weight: float | None = None,
+                      distill_temperature: float | None = None, **trainer_kwargs):
+    """A :class:`transformers.Trainer` that adds λ·L_density and measures density at evaluation.
+
+    With a ``teacher`` (:mod:`deft.training.distill`) the task loss L becomes
+    (1 − w)·L + w·L_distill, w = ``distill_weight`` (both settings are the run's TrainConfig's).
+    """
+    if teacher is not None and (distill_weight is None or distill_temperature is None):
+        raise ValueError("a teacher needs distill_weight and distill_temperature")
     Trainer = _trainer_base()
 
     class DeftTrainer(Trainer):
@@ -45,6 +54,8 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
                 self.capture.attach()
             self._density_log: list[float] = []
             self._measuring: ActivationCapture | None = None
+            self.teacher = teacher
+            self._distill_log: list[float] = []
 
         def current_lambda_scale(self) -> float:
             if self.lambda_warmup_steps <= 0:
@@ -67,6 +78,8 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
+            if self.teacher is not None and model.training:
+                loss = self._with_distillation(loss, outputs, inputs, num_items_in_batch)
             if self.density_config is not None and model.training:
                 term = combine_terms(self.capture.pop_terms(), self.density_config)
                 if term is not None:
@@ -81,7 +94,22 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
                     f"(epoch {self.state.epoch or 0:.2f}); lower the learning rate or λ, or raise ε")
             return (loss, outputs) if return_outputs else loss
 
+        def _with_distillation(self, loss, outputs, inputs, num_items_in_batch):
+            device = next(self.model.parameters()).device
+            if next(self.teacher.parameters()).device != device:
+                self.teacher.to(device)
+            with torch.no_grad():  # with the labels: an encoder-decoder builds its decoder inputs from them
+                teacher_outputs = self.teacher(**inputs)
+            term = distillation_term(outputs, teacher_outputs, temperature=distill_temperature,
+                                     masks=token_masks(inputs, self.model))
+            self._distill_log.append(float(term.detach()))
+            steps = self._density_accumulation_divisor(num_items_in_batch)  # a per-micro-batch mean, as L_density
+            return (1 - distill_weight) * loss + distill_weight * (term / steps if steps != 1 else term)
+
         def log(self, logs, *args, **kwargs):
+            if self._distill_log and "loss" in logs:
+                logs["distill_loss"] = float(np.mean(self._distill_log))
+                self._distill_log.clear()
             if self._density_log and "loss" in logs:
                 logs["density_loss"] = float(np.mean(self._density_log))
                 logs["lambda_scale"] = self.current_lambda_scale()
