@@ -59,19 +59,21 @@ class GradRecorder(T.TrainerCallback):
 
 
 def step_grads(kind: str, accumulation: int, density: DensityLossConfig | None, tmp_path,
-               loss_counts_items: bool | None = None) -> dict:
+               loss_counts_items: bool | None = None, teacher: torch.nn.Module | None = None) -> dict:
     model = get_method("lora").apply(tiny_model(kind), {"lora_dropout": 0.0, "include_mlp": True},
                                      task_type=TASK_TYPES[kind])
     recorder = GradRecorder()
     args = T.TrainingArguments(
-        output_dir=str(tmp_path / f"{kind}-{accumulation}-{density is not None}-{loss_counts_items}"),
+        output_dir=str(tmp_path / f"{kind}-{accumulation}-{density is not None}-{loss_counts_items}-{teacher is None}"),
         per_device_train_batch_size=BATCH // accumulation, gradient_accumulation_steps=accumulation,
         max_steps=1, max_grad_norm=0.0, learning_rate=1e-3, seed=0, use_cpu=True, report_to="none",
         save_strategy="no", eval_strategy="no", remove_unused_columns=False, disable_tqdm=True,
         dataloader_num_workers=0)
     trainer = make_deft_trainer(sites=find_sites(model), density=density, threshold=0.01, model=model, args=args,
                                 train_dataset=examples(kind), data_collator=T.default_data_collator,
-                                callbacks=[recorder], loss_counts_items=loss_counts_items)
+                                callbacks=[recorder], loss_counts_items=loss_counts_items, teacher=teacher,
+                                distill_weight=0.5 if teacher is not None else None,
+                                distill_temperature=2.0 if teacher is not None else None)
     trainer.train()
     trainer.capture.detach()
     assert recorder.grads
@@ -115,3 +117,26 @@ def test_task_and_density_gradients_do_not_depend_on_accumulation_steps(kind, co
     if kind == "seq_cls":  # the flag is what makes it so
         unflagged = step_grads(kind, 2, density, tmp_path)
         assert _norm(unflagged) / _norm(one) > 1.5
+
+
+def teacher_of(kind: str) -> torch.nn.Module:
+    torch.manual_seed(7)
+    teacher = tiny_model(kind)
+    with torch.no_grad():  # another model: its outputs differ from the student's
+        for p in teacher.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return teacher.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind,counts", [("seq_cls", False), ("causal", True), ("qa", None)])
+def test_distillation_gradient_does_not_depend_on_accumulation_steps(kind, counts, tmp_path):
+    """The distillation term is a per-micro-batch mean like L_density: one batch of 4 and two
+    accumulated halves give the same step (task and term together, as training runs them)."""
+    teacher = teacher_of(kind)
+    one = step_grads(kind, 1, None, tmp_path, loss_counts_items=counts, teacher=teacher)
+    two = step_grads(kind, 2, None, tmp_path, loss_counts_items=counts, teacher=teacher)
+    plain = step_grads(kind, 1, None, tmp_path, loss_counts_items=counts)
+    assert _norm({n: one[n] - plain[n] for n in one}) > 1e-4 * _norm(plain)  # the term changes the step
+    assert _norm(two) / _norm(one) == pytest.approx(1.0, rel=1e-4)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5 * _norm(one))
