@@ -9,7 +9,9 @@ and evaluated on the full dev set: the metric at the exact density a kernel woul
 * ``deft+thresholds`` — today's DEFT recipe (λ 1, ℓ0 ε 0.1);
 * the deployment variants, named by their options (``deft train --help``): threshold in the loop
   (straight-through), with and without the density loss, per entry or whole neurons
-  (``form=neuron``); ReLU-fication; ε annealing; the sequence-shared term.
+  (``form=neuron``); ReLU-fication; ε annealing; the sequence-shared term; ``+distill``: also
+  trained towards the outputs of this budget's ``peft+thresholds`` run (``--distill-from``), which
+  therefore trains first.
 
 Each task trains at its budget (:data:`BUDGETS`; ``--epochs`` / ``--max-train-samples`` / ``--lr``
 override it), under ``--runs-dir/TASK/e{epochs}-n{examples}[-lr{lr}]/VARIANT``, so one variant at

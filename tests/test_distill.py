@@ -95,7 +95,7 @@ def test_distillation_trains_two_steps_on_the_matrix(family, method, tmp_path):
         term = distillation_term(out, teacher(**inputs), temperature=2.0, masks=token_masks(inputs, student))
         task = out.loss
     assert float(term) > 0
-    assert float(loss) == pytest.approx(0.7 * float(task) + 0.3 * float(term), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(0.7 * float(task) + 0.3 * float(term), rel=1e-4)
     params = [p for p in student.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=1e-2)
