@@ -62,8 +62,8 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
                 return 1.0
             return min(1.0, self.state.global_step / self.lambda_warmup_steps)
 
-        def _density_accumulation_divisor(self, num_items_in_batch) -> int:
-            # The term is a per-micro-batch mean. training_step divides the loss by the accumulation
+        def _micro_batch_term_divisor(self, num_items_in_batch) -> int:
+            # Each added term (L_density, the distillation term) is a per-micro-batch mean. training_step divides the loss by the accumulation
             # steps unless it counts the loss as normalised over the whole accumulated batch by
             # num_items_in_batch (same condition as transformers' Trainer.training_step); then we
             # divide the term ourselves, so its gradient does not grow with the accumulation steps.
@@ -84,7 +84,7 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
                 term = combine_terms(self.capture.pop_terms(), self.density_config)
                 if term is not None:
                     self._density_log.append(float(term.detach()) / self.density_config.weight)
-                    steps = self._density_accumulation_divisor(num_items_in_batch)
+                    steps = self._micro_batch_term_divisor(num_items_in_batch)
                     if steps != 1:
                         term = term / steps
                     loss = loss + self.current_lambda_scale() * term
@@ -103,7 +103,7 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
             term = distillation_term(outputs, teacher_outputs, temperature=distill_temperature,
                                      masks=token_masks(inputs, self.model))
             self._distill_log.append(float(term.detach()))
-            steps = self._density_accumulation_divisor(num_items_in_batch)  # a per-micro-batch mean, as L_density
+            steps = self._micro_batch_term_divisor(num_items_in_batch)
             return (1 - distill_weight) * loss + distill_weight * (term / steps if steps != 1 else term)
 
         def log(self, logs, *args, **kwargs):
