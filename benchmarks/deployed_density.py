@@ -11,7 +11,8 @@ and evaluated on the full dev set: the metric at the exact density a kernel woul
   (straight-through), with and without the density loss, per entry or whole neurons
   (``form=neuron``); ReLU-fication; ε annealing; the sequence-shared term; ``+distill``: also
   trained towards the outputs of this budget's ``peft+thresholds`` run (``--distill-from``), which
-  therefore trains first.
+  therefore trains first; ``+lora_down``: LoRA also on the MLP's down projection
+  (``--method-options '{"include_mlp": true, "include_mlp_down": true}'``).
 
 Each task trains at its budget (:data:`BUDGETS`; ``--epochs`` / ``--max-train-samples`` / ``--lr``
 override it), under ``--runs-dir/TASK/e{epochs}-n{examples}[-lr{lr}]/VARIANT``, so one variant at
@@ -54,6 +55,7 @@ BUDGETS = {"sst2": {"epochs": 1.0, "max_train_samples": 2000},
            "cola": {"epochs": 3.0, "max_train_samples": 0, "learning_rate": 1e-3},
            "stsb": {"epochs": 3.0, "max_train_samples": 0, "learning_rate": 1e-3}}
 GEMMA_CALIBRATION = 64  # SQuAD training questions (each a ~256-token window)
+LORA_DOWN = {"include_mlp": True, "include_mlp_down": True}  # the LoRA preset plus the MLP's down projection
 # variant name → (mode, TrainConfig overrides, DensityLossConfig overrides)
 VARIANTS = {
     "peft+thresholds": ("peft", {}, {}),
@@ -87,6 +89,10 @@ VARIANTS = {
     "peft+train_density=0.1+form=neuron+ste=false+rank=output+distill": (
         "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_rank": "output",
                  "distill": True}, {}),
+    # "+lora_down": LoRA on every block's down projection too, so the neurons kept can be re-weighted.
+    "peft+lora_down": ("peft", {"method_options": LORA_DOWN}, {}),
+    "peft+train_density=0.1+form=neuron+ste=false+lora_down": (
+        "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "method_options": LORA_DOWN}, {}),
     "peft+train_density=0.1+form=neuron+ste=false+fill=mean": (
         "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "neuron_fill": "mean"}, {}),
     "peft+train_density=0.2+form=neuron+ste=false+fill=mean": (

@@ -283,6 +283,21 @@ def test_lora_default_targets_every_family(family):
     _forward(model, family)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_include_mlp_down_adds_exactly_the_down_projections(family):
+    torch.manual_seed(0)
+    base = FAMILIES[family]()
+    sites = find_sites(base)
+    model = get_method("lora").apply(base, LoraMethodConfig(include_mlp_down=True), None)
+    lora_layers = {n.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.")
+                   for n, _ in model.named_parameters() if ".lora_A." in n}
+    attention = {n for n in lora_layers if n.rpartition(".")[2] in EXPECTED_TARGETS[family]}
+    # q/v by their names, then every block's down projection by its full path and nothing else
+    assert lora_layers - attention == {s.down for s in sites if s.down}
+    assert not any(s.first in lora_layers for s in sites if s.first and s.first != s.down)
+    _forward(model, family)
+
+
 # -- task heads -------------------------------------------------------------------------------
 
 

@@ -156,6 +156,25 @@ def test_the_fold_reproduces_the_mean_down_output_on_the_calibration_tokens(fami
     torch.testing.assert_close(mean_down_output(), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_on_the_down_projection_merges_before_its_columns_go(family):
+    # LoRA on q/v and the down projection only (the first projection stays plain, so killed
+    # neurons stay dead): the shrunk merged model computes what the unmerged LoRA model does
+    model, _ = build(family, "lora", options={"include_mlp": False, "include_mlp_down": True}, trained=True)
+    downs = [n for n, _ in model.named_parameters() if ".lora_B." in n and any(
+        n.startswith(f"base_model.model.{s.down}.") for s in find_sites(model, "act"))]
+    assert len(downs) == len(find_sites(model, "act"))
+    dead = _kill(unwrap_model(model))
+    batches = [make_inputs(family, batch=3, length=7, pad=2, seed=s) for s in range(2)]
+    want = [_logits(model, b) for b in batches]
+    merged = merge_peft(model)
+    removal = plan_removal(merged, measure_activity(merged, batches))
+    assert {p: set(range(removal.widths[p])) - set(k.tolist()) for p, k in removal.kept.items()} == dead
+    remove_neurons(merged, removal.kept, removal.bias_delta)
+    for b, w in zip(batches, want):
+        torch.testing.assert_close(_logits(merged, b), w, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("method,needle", [("lora", "merge it first"), ("adapter", "adapter runs cannot be shrunk")])
 def test_unmergeable_or_unmerged_layers_are_refused(method, needle):
     model, _ = build("bert", method)

@@ -6,7 +6,9 @@ e.g. DistilBERT and transformers-5 ViT). ``include_mlp=True`` adds the first den
 every MLP block (``site.first`` of :func:`deft.core.sites.find_sites`), named by its *full* path:
 its last path component alone is ambiguous (BERT's ``dense`` would also match the attention
 output, the MLP down projection and the pooler); a fused gate/up layer (Phi-3, ModernBERT) is
-adapted whole. Routed experts (mixture of experts) hold 3-D weights, not dense layers: they are
+adapted whole. ``include_mlp_down=True`` adds every block's down projection (``site.down``), so
+a model whose MLP neurons are cut (the neuron form of the threshold in the loop, ``deft shrink``)
+can re-weight the neurons it keeps. Routed experts (mixture of experts) hold 3-D weights, not dense layers: they are
 not targeted (the density loss still trains the layers before them). The task head is trained
 through peft's ``modules_to_save``.
 """
@@ -54,6 +56,7 @@ class LoraMethodConfig(MethodConfig):
         target_modules: module names (peft matching: a name matches a module path equal to it
             or ending in ``.name``); ``None`` → the attention query/value projections.
         include_mlp: also adapt the MLP's first dense layer (the one feeding σ) in every block.
+        include_mlp_down: also adapt every MLP block's down projection (back to the model width).
         bias: peft's ``bias`` option (``"none"``, ``"all"``, ``"lora_only"``).
         modules_to_save: extra modules to train fully, on top of the task head.
     """
@@ -65,6 +68,7 @@ class LoraMethodConfig(MethodConfig):
     lora_dropout: float = 0.1
     target_modules: list[str] | None = None
     include_mlp: bool = False
+    include_mlp_down: bool = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
 
@@ -114,10 +118,16 @@ def mlp_first_targets(model: nn.Module) -> list[str]:
     return [s.first for s in find_sites(model) if s.first]
 
 
+def mlp_down_targets(model: nn.Module) -> list[str]:
+    """Full paths of every MLP block's down projection (``site.down``)."""
+    return [s.down for s in find_sites(model) if s.down]
+
+
 def lora_target_modules(model: nn.Module, config: LoraMethodConfig) -> list[str]:
     targets = list(config.target_modules) if config.target_modules is not None else default_attention_targets(model)
-    if config.include_mlp:
-        targets += [t for t in mlp_first_targets(model) if t not in targets]
+    for wanted, found in ((config.include_mlp, mlp_first_targets), (config.include_mlp_down, mlp_down_targets)):
+        if wanted:
+            targets += [t for t in found(model) if t not in targets]
     return targets
 
 
