@@ -15,7 +15,10 @@ cost, which removing neurons cannot shrink, is part of what compilation removes.
 
 Rows: ``batch_size``, ``throughput_ratio`` (sentences/s shrunk / PEFT), ``metric_shrunk``,
 ``metric_peft`` (points), ``neurons_removed_share``, ``blocks_removed`` (MLP blocks left with no
-neuron), plus the medians. The source runs are only read; the thresholded and shrunk runs go
+neuron), plus the medians. A dev metric of one seed moves by points between seeds (SST-2's dense
+PEFT model: 72.7–80.6 over seeds 0–2), so ``--seed-pair PEFT DEFT`` (repeatable) shrinks and
+scores other seeds' runs too: ``seed_pairs`` and ``seed_mean`` in the JSON, and
+``metric_*_seed_mean`` in every row (timing is read on the first pair). The source runs are only read; the thresholded and shrunk runs go
 under ``--runs-dir`` and are reused. Without ``--peft-run`` / ``--deft-run`` the runs are trained
 there (``lib.runs.run_or_reuse``, the main job's budget). Writes ``benchmarks/results/shrink.json``::
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -61,13 +65,13 @@ def source_runs(args) -> tuple[Path, Path]:
     return Path(peft), Path(deft)
 
 
-def thresholded_run(deft: Path, args) -> Path:
+def thresholded_run(deft: Path, args, under: str = "") -> Path:
     """The DEFT run with thresholds: its own (no --density), else sparsified at --density (reused)."""
     if args.density is None:
         if not (deft / RunDir.THRESHOLDS).is_file():
             raise SystemExit(f"{deft} has no thresholds: give --density to sparsify it")
         return deft
-    out = Path(args.runs_dir) / f"{deft.name}-d{args.density:g}"
+    out = Path(args.runs_dir) / under / f"{deft.name}-d{args.density:g}"
     done = RunDir(out).read_json("sparsify.json")
     if not (done and done["source_run"] == str(deft) and done["thresholds"]["target_density"] == args.density
             and done["thresholds"]["calibration"]["samples"] == args.calibration_samples):
@@ -77,9 +81,9 @@ def thresholded_run(deft: Path, args) -> Path:
     return out
 
 
-def shrunk_run(source: Path, args) -> tuple[Path, dict]:
-    """``deft shrink`` of ``source`` under --runs-dir (reused when the settings match) and its summary."""
-    out = Path(args.runs_dir) / f"{source.name}-shrunk"
+def shrunk_run(source: Path, args, under: str = "") -> tuple[Path, dict]:
+    """``deft shrink`` of ``source`` under --runs-dir[/under] (reused when the settings match) and its summary."""
+    out = Path(args.runs_dir) / under / f"{source.name}-shrunk"
     saved = RunDir(out).read_json(RunDir.SHRINK)
     want = {"samples": args.calibration_samples, "max_dead_share": args.max_dead_share}
     summary = saved.get("summary") if saved else None
@@ -89,6 +93,19 @@ def shrunk_run(source: Path, args) -> tuple[Path, dict]:
         summary = shrink_run(str(source), str(out), calibration_samples=args.calibration_samples,
                              max_dead_share=args.max_dead_share, data_dir=args.data_dir, progress=False)
     return out, summary
+
+
+def pair_metrics(peft_dir: Path, shrunk_dir: Path, args):
+    """The task runner, tokenizer, both deployed models and their dev metrics (points)."""
+    config, peft, tokenizer = load_run(peft_dir)
+    peft = merge_peft(remove_thresholds(peft))  # the dense PEFT model as deployed: no thresholds, LoRA merged
+    _, shrunk, _ = load_run(shrunk_dir)
+    runner = task_runner(config)
+    metric = runner.task.main_metric
+    metrics = {name: 100 * runner.evaluate_model(model, tokenizer, max_samples=args.max_eval_samples,
+                                                 data_dir=args.data_dir, progress=False).metrics[metric]
+               for name, model in (("peft", peft), ("shrunk", shrunk))}
+    return runner, tokenizer, peft, shrunk, metrics
 
 
 def timing_batches(runner, tokenizer, args, batch_size: int) -> list[dict]:
@@ -110,6 +127,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peft-run", default=None, help="PEFT run directory (default: trained under --runs-dir)")
     ap.add_argument("--deft-run", default=None, help="DEFT run directory (default: trained under --runs-dir)")
+    ap.add_argument("--seed-pair", nargs=2, action="append", default=[], metavar=("PEFT_RUN", "DEFT_RUN"),
+                    help="another seed's PEFT and DEFT runs, shrunk and scored too (metrics only; repeatable): "
+                         "seed_pairs and seed_mean in the JSON")
     ap.add_argument("--density", type=float, default=None,
                     help="sparsify the DEFT run at this target density (default: use its own thresholds)")
     ap.add_argument("--calibration-samples", type=int, default=256,
@@ -131,16 +151,21 @@ def main() -> None:
 
     peft_dir, deft_dir = source_runs(args)
     shrunk_dir, summary = shrunk_run(thresholded_run(deft_dir, args), args)
-    config, peft, tokenizer = load_run(peft_dir)
-    peft = merge_peft(remove_thresholds(peft))  # the dense PEFT model as deployed: no thresholds, LoRA merged
-    _, shrunk, _ = load_run(shrunk_dir)
-    runner = task_runner(config)
-    metric = runner.task.main_metric
-    metrics = {name: 100 * runner.evaluate_model(model, tokenizer, max_samples=args.max_eval_samples,
-                                                 data_dir=args.data_dir, progress=False).metrics[metric]
-               for name, model in (("peft", peft), ("shrunk", shrunk))}
+    runner, tokenizer, peft, shrunk, metrics = pair_metrics(peft_dir, shrunk_dir, args)
     print(f"{runner.task.main_metric}: PEFT {metrics['peft']:.2f}, shrunk DEFT {metrics['shrunk']:.2f}; "
           f"{100 * summary['neurons_removed_share']:.1f}% of MLP neurons removed", flush=True)
+    seeds = [{"peft_run": str(peft_dir), "deft_run": str(deft_dir), "shrunk_run": str(shrunk_dir),
+              "metric_peft": metrics["peft"], "metric_shrunk": metrics["shrunk"],
+              "neurons_removed_share": summary["neurons_removed_share"]}]
+    for i, (other_peft, other_deft) in enumerate(args.seed_pair, 1):  # accuracy only: the timing needs one pair
+        other_dir, other = shrunk_run(thresholded_run(Path(other_deft), args, under=f"pair{i}"), args, under=f"pair{i}")
+        other_metrics = pair_metrics(Path(other_peft), other_dir, args)[-1]
+        seeds.append({"peft_run": other_peft, "deft_run": other_deft, "shrunk_run": str(other_dir),
+                      "metric_peft": other_metrics["peft"], "metric_shrunk": other_metrics["shrunk"],
+                      "neurons_removed_share": other["neurons_removed_share"]})
+        print(f"pair {i}: PEFT {other_metrics['peft']:.2f}, shrunk DEFT {other_metrics['shrunk']:.2f}; "
+              f"{100 * other['neurons_removed_share']:.1f}% removed", flush=True)
+    mean = {k: statistics.fmean(p[k] for p in seeds) for k in ("metric_peft", "metric_shrunk")}
 
     models = {"peft": peft, "shrunk": shrunk}
     if args.compile:  # the same compilation for both sides; the eager models stay for the eager rows
@@ -163,6 +188,7 @@ def main() -> None:
                 row = {"batch_size": batch_size, "threads": threads, "compiled": bool(kind),
                        "throughput_ratio": med["peft"] / med["shrunk"],
                        "metric_shrunk": metrics["shrunk"], "metric_peft": metrics["peft"],
+                       "metric_shrunk_seed_mean": mean["metric_shrunk"], "metric_peft_seed_mean": mean["metric_peft"],
                        "neurons_removed_share": summary["neurons_removed_share"],
                        "blocks_removed": summary["blocks_removed"],
                        "mlp_params_removed_share": summary["mlp_params_removed_share"],
@@ -186,6 +212,7 @@ def main() -> None:
         "shrink": {k: summary[k] for k in ("neurons_before", "neurons_after", "neurons_removed_share",
                                            "blocks_removed", "mlp_params_removed_share", "params_before",
                                            "params_after", "layers")},
+        "seed_pairs": seeds, "seed_mean": {**mean, "delta": mean["metric_shrunk"] - mean["metric_peft"]},
         "rows": rows,
     }
     write_result(args.out, result)
