@@ -18,8 +18,8 @@ Rows: ``batch_size``, ``throughput_ratio`` (sentences/s shrunk / PEFT), ``metric
 neuron), plus the medians. A dev metric of one seed moves by points between seeds (SST-2's dense
 PEFT model: 72.7–80.6 over seeds 0–2), so ``--seed-pair PEFT DEFT`` (repeatable) shrinks and
 scores other seeds' runs too: ``seed_pairs`` and ``seed_mean`` in the JSON, and
-``metric_*_seed_mean`` in every row (timing is read on the first pair). The source runs are only read; the thresholded and shrunk runs go
-under ``--runs-dir`` and are reused. Without ``--peft-run`` / ``--deft-run`` the runs are trained
+``metric_*_seed_mean`` in every row (timing is read on the first pair). The source runs are only
+read; the thresholded and shrunk runs go under ``--runs-dir`` and are reused. Without ``--peft-run`` / ``--deft-run`` the runs are trained
 there (``lib.runs.run_or_reuse``, the main job's budget). Writes ``benchmarks/results/shrink.json``::
 
     DEFT_DATA_DIR=../shared/data python benchmarks/shrink.py \\
@@ -108,6 +108,13 @@ def pair_metrics(peft_dir: Path, shrunk_dir: Path, args):
     return runner, tokenizer, peft, shrunk, metrics
 
 
+def seed_record(peft_dir: Path, deft_dir: Path, shrunk_dir: Path, metrics: dict, summary: dict) -> dict:
+    """One entry of ``seed_pairs``: the runs and both sides' metrics."""
+    return {"peft_run": str(peft_dir), "deft_run": str(deft_dir), "shrunk_run": str(shrunk_dir),
+            "metric_peft": metrics["peft"], "metric_shrunk": metrics["shrunk"],
+            "neurons_removed_share": summary["neurons_removed_share"]}
+
+
 def timing_batches(runner, tokenizer, args, batch_size: int) -> list[dict]:
     _, loader = runner.loader(tokenizer, runner.task.dev_split, max_samples=args.timing_samples or None,
                               batch_size=batch_size, data_dir=args.data_dir)
@@ -149,21 +156,22 @@ def main() -> None:
     if args.repeats < 30:
         ap.error("--repeats must be >= 30 (medians of fewer passes are noise on a shared machine)")
 
+    pairs = [(Path(a), Path(b)) for a, b in args.seed_pair]
+    for run in (r for pair in pairs for r in pair):
+        try:
+            RunDir(run).check()  # before any of the long work
+        except (FileNotFoundError, ValueError) as err:
+            ap.error(f"--seed-pair: {err}")
     peft_dir, deft_dir = source_runs(args)
     shrunk_dir, summary = shrunk_run(thresholded_run(deft_dir, args), args)
     runner, tokenizer, peft, shrunk, metrics = pair_metrics(peft_dir, shrunk_dir, args)
     print(f"{runner.task.main_metric}: PEFT {metrics['peft']:.2f}, shrunk DEFT {metrics['shrunk']:.2f}; "
           f"{100 * summary['neurons_removed_share']:.1f}% of MLP neurons removed", flush=True)
-    seeds = [{"peft_run": str(peft_dir), "deft_run": str(deft_dir), "shrunk_run": str(shrunk_dir),
-              "metric_peft": metrics["peft"], "metric_shrunk": metrics["shrunk"],
-              "neurons_removed_share": summary["neurons_removed_share"]}]
-    for i, (other_peft, other_deft) in enumerate(args.seed_pair, 1):  # accuracy only: the timing needs one pair
-        other_dir, other = shrunk_run(thresholded_run(Path(other_deft), args, under=f"pair{i}"), args, under=f"pair{i}")
-        other_metrics = pair_metrics(Path(other_peft), other_dir, args)[-1]
-        seeds.append({"peft_run": other_peft, "deft_run": other_deft, "shrunk_run": str(other_dir),
-                      "metric_peft": other_metrics["peft"], "metric_shrunk": other_metrics["shrunk"],
-                      "neurons_removed_share": other["neurons_removed_share"]})
-        print(f"pair {i}: PEFT {other_metrics['peft']:.2f}, shrunk DEFT {other_metrics['shrunk']:.2f}; "
+    seeds = [seed_record(peft_dir, deft_dir, shrunk_dir, metrics, summary)]
+    for i, (other_peft, other_deft) in enumerate(pairs, 1):  # accuracy only: the timing needs one pair
+        other_dir, other = shrunk_run(thresholded_run(other_deft, args, under=f"pair{i}"), args, under=f"pair{i}")
+        seeds.append(seed_record(other_peft, other_deft, other_dir, pair_metrics(other_peft, other_dir, args)[-1], other))
+        print(f"pair {i}: PEFT {seeds[-1]['metric_peft']:.2f}, shrunk DEFT {seeds[-1]['metric_shrunk']:.2f}; "
               f"{100 * other['neurons_removed_share']:.1f}% removed", flush=True)
     mean = {k: statistics.fmean(p[k] for p in seeds) for k in ("metric_peft", "metric_shrunk")}
 

@@ -63,10 +63,11 @@ def make_deft_trainer(*, sites: SiteMap, density: DensityLossConfig | None, thre
             return min(1.0, self.state.global_step / self.lambda_warmup_steps)
 
         def _micro_batch_term_divisor(self, num_items_in_batch) -> int:
-            # Each added term (L_density, the distillation term) is a per-micro-batch mean. training_step divides the loss by the accumulation
-            # steps unless it counts the loss as normalised over the whole accumulated batch by
-            # num_items_in_batch (same condition as transformers' Trainer.training_step); then we
-            # divide the term ourselves, so its gradient does not grow with the accumulation steps.
+            # Each added term (L_density, the distillation term) is a per-micro-batch mean.
+            # training_step divides the loss by the accumulation steps unless it counts the loss as
+            # normalised over the whole accumulated batch by num_items_in_batch (same condition as
+            # transformers' Trainer.training_step); then we divide the term ourselves, so its
+            # gradient does not grow with the accumulation steps.
             scaled = self.loss_is_scaled_for_ga
             if scaled is None:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
