@@ -92,6 +92,7 @@ VARIANTS = {
     # "+lora_down": LoRA on every block's down projection too, so the neurons kept can be re-weighted.
     "peft+lora_down": ("peft", {"method_options": LORA_DOWN}, {}),
     "peft+train_density=0.4+lora_down": ("peft", {"train_density": 0.4, "method_options": LORA_DOWN}, {}),
+    "peft+train_density=0.5+lora_down": ("peft", {"train_density": 0.5, "method_options": LORA_DOWN}, {}),
     "peft+train_density=0.1+form=neuron+ste=false+lora_down": (
         "peft", {"train_density": 0.1, "train_density_form": "neuron", "ste": False, "method_options": LORA_DOWN}, {}),
     "peft+train_density=0.1+form=neuron+ste=false+fill=mean": (
