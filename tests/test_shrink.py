@@ -284,3 +284,19 @@ def test_export_and_prune_of_a_shrunk_run_are_refused_in_one_line(runs, tmp_path
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_shrink_benchmark_refuses_a_missing_seed_pair_run_in_one_line(tmp_path):
+    """A --seed-pair run that is not a run directory stops the benchmark before any training: exit 2, nothing written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "shrink.json"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "shrink.py"), "--runs-dir", str(tmp_path / "runs"),
+                           "--out", str(out), "--seed-pair", str(tmp_path / "no-peft"), str(tmp_path / "no-deft")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--seed-pair" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not (tmp_path / "runs").exists()
