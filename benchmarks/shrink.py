@@ -19,8 +19,9 @@ neuron), plus the medians. A dev metric of one seed moves by points between seed
 PEFT model: 72.7–80.6 over seeds 0–2), so ``--seed-pair PEFT DEFT`` (repeatable) shrinks and
 scores other seeds' runs too: ``seed_pairs`` and ``seed_mean`` in the JSON, and
 ``metric_*_seed_mean`` in every row (timing is read on the first pair). The source runs are only
-read; the thresholded and shrunk runs go under ``--runs-dir`` and are reused. Without ``--peft-run`` / ``--deft-run`` the runs are trained
-there (``lib.runs.run_or_reuse``, the main job's budget). Writes ``benchmarks/results/shrink.json``::
+read; the thresholded and shrunk runs go under ``--runs-dir`` and are reused. Without
+``--peft-run`` / ``--deft-run`` the runs are trained there (``lib.runs.run_or_reuse``, the main
+job's budget). Writes ``benchmarks/results/shrink.json``::
 
     DEFT_DATA_DIR=../shared/data python benchmarks/shrink.py \\
         --peft-run runs/deployed_density/sst2/e1-n2000/peft+thresholds \\

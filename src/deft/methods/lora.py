@@ -9,8 +9,8 @@ output, the MLP down projection and the pooler); a fused gate/up layer (Phi-3, M
 adapted whole. ``include_mlp_down=True`` adds every block's down projection (``site.down``), so
 a model whose MLP neurons are cut (the neuron form of the threshold in the loop, ``deft shrink``)
 can re-weight the neurons it keeps. Routed experts (mixture of experts) hold 3-D weights, not
-dense layers: they are not targeted (the density loss still trains the layers before them). The task head is trained
-through peft's ``modules_to_save``.
+dense layers: they are not targeted (the density loss still trains the layers before them). The
+task head is trained through peft's ``modules_to_save``.
 """
 
 from __future__ import annotations
