@@ -16,7 +16,7 @@ import torch
 from deft.cli.format import comparison_table
 from deft.training import compare
 from deft.core.loss import DensityLossConfig
-from deft.training import NonFiniteLossError, TrainConfig, load_run, train
+from deft.training import NonFiniteLossError, RunDir, TrainConfig, load_run, train
 
 RESULT_KEYS = {"task", "model", "method", "mode", "seed", "metrics", "density", "trainable_params", "train_seconds"}
 
@@ -286,6 +286,20 @@ def test_an_output_holding_another_run_is_refused_unless_overwritten(tiny_bert_d
     second = json.loads((out / "results.json").read_text())
     assert second["config"]["density"]["weight"] == 0.5 and first["config"]["density"]["weight"] == 1.0
     assert second["resumed_from"] is None
+
+
+def test_a_late_rank_does_not_refuse_the_config_rank_0_just_wrote(tiny_bert_dir, shared_data, tmp_path,
+                                                                  monkeypatch):
+    """CI failure: under torchrun rank 1 started after rank 0 had written run_config.json, took the
+    directory for an earlier run and refused its own job. Only rank 0 judges the directory."""
+    cfg = tiny_config(tiny_bert_dir, shared_data)
+    out = tmp_path / "run"
+    RunDir(out).write_json(RunDir.CONFIG, cfg.to_dict())  # what rank 0 wrote a moment earlier
+    monkeypatch.setenv("RANK", "1")  # no WORLD_SIZE: the Trainer itself runs single-process
+    assert train(cfg, out, progress=False)["steps"] == cfg.max_steps
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="already holds a run"):  # rank 0 still refuses it
+        train(cfg, out, progress=False)
 
 
 def test_save_steps_checkpoints_mid_epoch_and_resume_says_what_it_found(tiny_bert_dir, shared_data, tmp_path,

@@ -78,10 +78,13 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
 
     run = RunDir(output_dir)
     out = run.path
-    if run.is_run() and not resume and not overwrite:
+    # Under torchrun only rank 0 judges the directory: another rank that starts late would find the
+    # run_config.json rank 0 has just written and refuse its own job (rank 0's refusal stops them all).
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process and run.is_run() and not resume and not overwrite:
         raise ValueError(f"{out} already holds a run ({RunDir.CONFIG}); --resume continues it, --overwrite "
                          "replaces it, or choose another --output")
-    if resume and run.is_run():
+    if main_process and resume and run.is_run():
         # read through from_dict: a run saved before a defaulted setting existed resumes with its default
         saved = TrainConfig.from_dict(run.read_config()).to_dict()
         if json.loads(json.dumps(saved)) != json.loads(json.dumps(config.to_dict())):
@@ -100,10 +103,10 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     set_seed(config.seed)
     method, method_config, model = build_model(config, tokenizer, runner)  # may fail: nothing written yet
     teacher = load_teacher(config) if config.distill_from else None  # so may this
-    if overwrite and not resume and run.checkpoints.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+    if overwrite and not resume and run.checkpoints.is_dir() and main_process:
         shutil.rmtree(run.checkpoints)
     out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process:
         run.write_json(RunDir.CONFIG, config.to_dict())
     model = method.apply(model, method_config, task_type=runner.task_type)
     sites = find_sites(model, config.site_point)
@@ -162,7 +165,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, resume: bool = False, 
     if config.density_loss is not None and config.density.eps_final is not None:
         trainer.add_callback(epsilon_schedule(trainer.capture, config.density, total_steps))
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
-    if resume and progress and int(os.environ.get("RANK", "0")) == 0:  # say what --resume found
+    if resume and progress and main_process:  # say what --resume found
         print(f"resuming from {checkpoint}" if checkpoint else
               f"--resume: no checkpoint in {args.output_dir} yet, training from the start", file=sys.stderr)
     started = time.perf_counter()
