@@ -15,12 +15,14 @@ and evaluated on the full dev set: the metric at the exact density a kernel woul
   (``--method-options '{"include_mlp": true, "include_mlp_down": true}'``).
 
 Each task trains at its budget (:data:`BUDGETS`; ``--epochs`` / ``--max-train-samples`` / ``--lr``
-override it), under ``--runs-dir/TASK/e{epochs}-n{examples}[-lr{lr}]/VARIANT``, so one variant at
+override it), under ``--runs-dir/TASK/e{epochs}-n{examples}[-lr{lr}][-h{held out}][-s{seed}]/VARIANT``, so one variant at
 two budgets keeps both runs; every row's delta is against dense PEFT at the same budget. Runs
 and sweeps are reused: an interrupted benchmark picks up where it stopped. Writes
 ``benchmarks/results/deployed_density.json`` (+ ``.md``, ``.png``), merged with the rows earlier
 invocations wrote (other tasks, budgets, variants; ``--fresh`` drops them); its ``summary`` is
-the paper's headline on exact zeros (:func:`summary`).
+the paper's headline on exact zeros (:func:`summary`). ``--seed N`` trains every run with seed N,
+under ``…-sN`` (seed 0 adds no suffix); with rows of several seeds in the JSON, ``summary`` also
+has per budget set the mean over the seeds (:func:`seed_mean`, the per-seed values beside it).
 
     DEFT_DATA_DIR=../shared/data python benchmarks/deployed_density.py [--tasks sst2 mrpc] [--variants ...] \\
         [--epochs 3] [--targets 1 0.5 0.3 0.1] [--greedy VARIANT ...]
@@ -127,11 +129,13 @@ def budget(task: str, args) -> dict:
     return chosen
 
 
-def budget_tag(chosen: dict) -> str:
-    """The run-directory level naming a budget, so runs of one variant at two budgets coexist."""
+def budget_tag(chosen: dict, seed: int = 0) -> str:
+    """The run-directory level naming a budget and seed, so runs of one variant at two budgets or
+    seeds coexist (seed 0 adds nothing: the directories of runs trained before seeds were named)."""
     tag = f"e{chosen['epochs']:g}-n{chosen['max_train_samples'] or 'all'}"
     tag += f"-lr{chosen['learning_rate']:g}" if chosen.get("learning_rate") is not None else ""
-    return tag + (f"-h{chosen['holdout_samples']}" if chosen.get("holdout_samples") else "")
+    tag += f"-h{chosen['holdout_samples']}" if chosen.get("holdout_samples") else ""
+    return tag + (f"-s{seed}" if seed else "")
 
 
 def config_for(task: str, variant: str, args) -> TrainConfig:
@@ -139,7 +143,7 @@ def config_for(task: str, variant: str, args) -> TrainConfig:
     chosen = budget(task, args)
     if overrides.get("distill"):  # the teacher: this budget's dense PEFT run, trained first
         overrides = {**{k: v for k, v in overrides.items() if k != "distill"},
-                     "distill_from": str(Path(args.runs_dir) / task / budget_tag(chosen) / "peft+thresholds")}
+                     "distill_from": str(Path(args.runs_dir) / task / budget_tag(chosen, args.seed) / "peft+thresholds")}
     long_run = {"save_steps": 50} if (chosen["max_train_samples"] or 10**9) > 2000 else {}  # resume mid-way
     base = TrainConfig(task=task, mode=mode, model=args.model, data_dir=args.data_dir, seed=args.seed,
                        **{**chosen, "max_train_samples": chosen["max_train_samples"] or None}, **long_run)
@@ -147,11 +151,11 @@ def config_for(task: str, variant: str, args) -> TrainConfig:
 
 
 def rows_of(sweep: dict, *, task: str, variant: str, dense: float, steps: int, learned: bool, model: str,
-            mode: str, budget: dict | None = None, heldout: dict | None = None) -> list[dict]:
+            mode: str, budget: dict | None = None, heldout: dict | None = None, seed: int = 0) -> list[dict]:
     """One row per target of ``sweep`` (dev); with ``heldout`` (the same run's sweep on its held-out
     training examples) each row carries the held-out metric and density too."""
     aside = {p["target_density"]: p for p in heldout["points"]} if heldout else {}
-    return [{"task": task, "model": model, "variant": variant, "threshold_mode": mode, **(budget or {}),
+    return [{"task": task, "model": model, "variant": variant, "threshold_mode": mode, **(budget or {}), "seed": seed,
              "target_density": p["target_density"], "deployed_density": p["deployed_density"],
              "metric": 100 * p["metric"], "dense_peft_metric": dense, "metric_delta_vs_dense_peft": 100 * p["metric"] - dense,
              "steps": steps, "union_density": p["union_density"], "learned": learned,
@@ -196,13 +200,15 @@ def at_budget(row: dict, budgets: dict) -> bool:
             and row.get("holdout_samples", 0) == want.get("holdout_samples", 0))
 
 
-def summary(rows: list[dict], budgets: dict | None = None, name: str = "budgets") -> list[dict]:
+def summary(rows: list[dict], budgets: dict | None = None, name: str = "budgets", seed: int = 0) -> list[dict]:
     """The paper's headline on exact zeros: per variant and target, the average over the tasks whose
     PEFT baseline learned (at the task's budget in ``budgets``, default :data:`BUDGETS`) of the
     deployed-density change against dense PEFT (eq. 10: (D_PEFT − D) / D_PEFT) and of the metric's
-    change. Each entry names its budget set and carries the per-task budgets."""
+    change, for the runs trained with ``seed``. Each entry names its budget set and carries the
+    per-task budgets."""
     budgets = BUDGETS if budgets is None else budgets
-    mine = [r for r in rows if r["model"] == "minilm" and r["learned"] and at_budget(r, budgets)]
+    mine = [r for r in rows if r["model"] == "minilm" and r["learned"] and at_budget(r, budgets)
+            and r.get("seed", 0) == seed]
     dense_density = {r["task"]: r["deployed_density"] for r in mine
                      if r["variant"] == "peft+thresholds" and r["target_density"] == 1.0}
     tasks = sorted(dense_density)
@@ -213,8 +219,34 @@ def summary(rows: list[dict], budgets: dict | None = None, name: str = "budgets"
             continue  # averages only over the same tasks as the baseline's
         change = sum((dense_density[t] - per_task[t]["deployed_density"]) / dense_density[t] for t in tasks) / len(tasks)
         delta = sum(per_task[t]["metric_delta_vs_dense_peft"] for t in tasks) / len(tasks)
-        out.append({"variant": variant, "target_density": target, "tasks": tasks, "budget_set": name,
+        out.append({"variant": variant, "target_density": target, "tasks": tasks, "budget_set": name, "seed": seed,
                     "budgets": {t: budgets[t] for t in tasks}, "steps": {t: per_task[t]["steps"] for t in tasks},
+                    "avg_density_change": change, "avg_metric_delta": delta,
+                    "meets_target": change >= 0.5 and delta >= -0.5})
+    return out
+
+
+def seed_mean(rows: list[dict], budgets: dict, name: str) -> list[dict]:
+    """The headline averaged over seeds (``--seed``): for each variant and target that :func:`summary`
+    scores at every seed trained at ``budgets``, the mean of its per-seed averages — each seed's
+    deltas against the dense PEFT run of that seed — with the per-seed values beside it. Single-seed
+    noise (a few points per task on the small GLUE sets) is larger than the headline's 0.5-point
+    tolerance; only this entry can tell a real gap from a lucky or unlucky seed. Empty with one seed."""
+    seeds = sorted({r.get("seed", 0) for r in rows if r["model"] == "minilm" and at_budget(r, budgets)})
+    if len(seeds) < 2:
+        return []
+    per_seed = {s: {(e["variant"], e["target_density"]): e for e in summary(rows, budgets, name, s)} for s in seeds}
+    out = []
+    for key in [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]:
+        entries = [per_seed[s][key] for s in seeds]
+        if any(e["tasks"] != entries[0]["tasks"] for e in entries):
+            continue  # a task learned at one seed only: its averages are over different tasks
+        change = sum(e["avg_density_change"] for e in entries) / len(seeds)
+        delta = sum(e["avg_metric_delta"] for e in entries) / len(seeds)
+        out.append({**entries[0], "budget_set": f"{name}, mean of seeds {', '.join(map(str, seeds))}",
+                    "seed": seeds, "per_seed": [{"seed": s, "avg_density_change": e["avg_density_change"],
+                                                 "avg_metric_delta": e["avg_metric_delta"]}
+                                                for s, e in zip(seeds, entries)],
                     "avg_density_change": change, "avg_metric_delta": delta,
                     "meets_target": change >= 0.5 and delta >= -0.5})
     return out
@@ -231,7 +263,8 @@ def selection(rows: list[dict], budgets: dict, name: str, tolerance: float = SEL
     held-out training examples (``--holdout-samples``), among every target of the variants trained
     for every task at ``budgets``; then scored on dev (eq. 10 against dense PEFT's dev density, metric against dense
     PEFT's dev metric), averaged over the tasks that learned. None without held-out rows."""
-    mine = [r for r in rows if r["model"] == "minilm" and r["learned"] and at_budget(r, budgets) and "heldout_metric" in r]
+    mine = [r for r in rows if r["model"] == "minilm" and r["learned"] and at_budget(r, budgets) and "heldout_metric" in r
+            and r.get("seed", 0) == 0]
     dense = {r["task"]: r for r in mine if r["variant"] == "peft+thresholds" and r["target_density"] == 1.0}
     if not dense:
         return None
@@ -257,6 +290,12 @@ def selection(rows: list[dict], budgets: dict, name: str, tolerance: float = SEL
             "meets_target": change >= 0.5 and delta >= -0.5}
 
 
+def per_seed_note(entry: dict) -> str:
+    """A seed-mean entry's per-seed values, for its table cell; nothing for one seed's entry."""
+    return "" if "per_seed" not in entry else " (per seed: " + "; ".join(
+        f"{p['seed']}: {100 * p['avg_density_change']:.1f}% {p['avg_metric_delta']:+.2f}" for p in entry["per_seed"]) + ")"
+
+
 def markdown(rows: list[dict], headline: list[dict] = (), chosen: list[dict] = ()) -> str:
     lines = []
     for entry in chosen:  # per-task operating points chosen on held-out training examples, scored on dev
@@ -273,15 +312,15 @@ def markdown(rows: list[dict], headline: list[dict] = (), chosen: list[dict] = (
     if headline:  # the summary first: what a reader checks the target against
         lines += ["| budget set | variant | target | tasks (steps) | avg deployed-density change | avg Δ metric | meets target |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {e['budget_set']} | {e['variant']} | {e['target_density']:.2f} | "
+        lines += [f"| {e['budget_set']}{per_seed_note(e)} | {e['variant']} | {e['target_density']:.2f} | "
                   + ", ".join(f"{t} ({n})" for t, n in e["steps"].items())
                   + f" | {round(100 * e['avg_density_change'], 1) + 0.0:.1f}% | {e['avg_metric_delta']:+.2f} | {'yes' if e['meets_target'] else 'no'} |"
                   for e in headline]
         lines.append("")
-    lines += ["| model | task | steps | variant | target | deployed density | metric | Δ vs dense PEFT | union/seq | learned |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | task | steps | seed | variant | target | deployed density | metric | Δ vs dense PEFT | union/seq | learned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['task']} | {r['steps']} | {r['variant']} | {r['target_density']:.2f} | {100 * r['deployed_density']:.2f}% "
+        lines.append(f"| {r['model']} | {r['task']} | {r['steps']} | {r.get('seed', 0)} | {r['variant']} | {r['target_density']:.2f} | {100 * r['deployed_density']:.2f}% "
                      f"| {r['metric']:.2f} | {r['metric_delta_vs_dense_peft']:+.2f} | {100 * r['union_density']:.2f}% "
                      f"| {'yes' if r['learned'] else 'no'} |")
     return "\n".join(lines) + "\n"
@@ -296,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> None:
     tasks = sorted({(r["model"], r["task"]) for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 8.0), squeeze=False)
     for ax, (model, task) in zip(axes[0], tasks):
-        mine = [r for r in rows if r["task"] == task and r["model"] == model]
+        mine = [r for r in rows if r["task"] == task and r["model"] == model and r.get("seed", 0) == 0]
         ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 curves, each its own colour
         budgets = sorted({r["steps"] for r in mine})
         for variant, steps in dict.fromkeys((r["variant"], r["steps"]) for r in mine):
@@ -354,7 +393,7 @@ def main() -> None:
         variants = ["peft+thresholds", *[v for v in args.variants if v != "peft+thresholds"]]
         sweeps, steps, heldout = {}, {}, {}
         for variant in variants:
-            run_dir = Path(args.runs_dir) / task / budget_tag(chosen) / variant
+            run_dir = Path(args.runs_dir) / task / budget_tag(chosen, args.seed) / variant
             results = run_or_reuse(config_for(task, variant, args), run_dir, note=f"{variant} ")
             steps[variant] = results["steps"]
             sweeps[variant] = sweep_or_reuse(run_dir, args.targets, calibration_samples=args.calibration_samples,
@@ -376,18 +415,20 @@ def main() -> None:
         for variant, sweep in sweeps.items():
             rows += rows_of(sweep, task=task, variant=variant, dense=dense, steps=steps[variant], learned=did_learn,
                             model=args.model, mode="greedy" if variant.endswith("+greedy") else "uniform",
-                            budget=chosen, heldout=heldout.get(variant))
+                            budget=chosen, heldout=heldout.get(variant), seed=args.seed)
     if args.gemma_run:
         rows += gemma_rows(Path(args.gemma_run), args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Rows of earlier invocations (other tasks, other budgets) stay unless this one measured them again.
     old = [] if args.fresh or not out.with_suffix(".json").is_file() else json.loads(out.with_suffix(".json").read_text())["rows"]
-    key = lambda r: (r["model"], r["task"], r["variant"], r["steps"], r.get("holdout_samples", 0))  # noqa: E731
+    key = lambda r: (r["model"], r["task"], r["variant"], r["steps"], r.get("holdout_samples", 0),  # noqa: E731
+                     r.get("seed", 0))
     fresh = {key(r) for r in rows}
     rows = [r for r in old if key(r) not in fresh] + rows
     budget_sets = {**SUMMARY_BUDGETS, **holdout_budgets(rows)}
     headline = [e for name, b in budget_sets.items() for e in summary(rows, b, name)]
+    headline += [e for name, b in budget_sets.items() for e in seed_mean(rows, b, name)]
     chosen_points = [e for name, b in budget_sets.items() if (e := selection(rows, b, name))]
     payload = {"budgets": BUDGETS, "calibration_samples": args.calibration_samples,
                "gemma_calibration_samples": GEMMA_CALIBRATION, "seed": args.seed,
