@@ -46,6 +46,9 @@ def test_seed_mean_averages_each_seed_against_its_own_dense_run(bench):
     assert entry["seed"] == [0, 1] and [p["avg_metric_delta"] for p in entry["per_seed"]] == [-2.0, 0.0]
     assert entry["avg_metric_delta"] == -1.0 and entry["avg_density_change"] == pytest.approx(0.5)
     assert not entry["meets_target"]
+    # a seed trained for one task only is left out of the mean, not allowed to empty it
+    partial = [{**r, "seed": 2} for r in rows if r.get("seed") == 1 and r["task"] == "sst2"]
+    assert bench.seed_mean(rows + partial, BUDGETS, "b") == bench.seed_mean(rows, BUDGETS, "b")
     # one seed alone has no mean; the single-seed summary reads its own seed's rows only
     assert bench.seed_mean([r for r in rows if "seed" not in r], BUDGETS, "b") == []
     [one] = [e for e in bench.summary(rows, BUDGETS, "b", seed=1) if e["variant"] == "v"]
