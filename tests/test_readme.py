@@ -85,6 +85,7 @@ def test_deployed_density_summary_is_the_average_of_its_rows():
         return sum(changes) / len(changes), sum(deltas) / len(deltas)
 
     assert payload["summary"], "no summary entry"
+    assert any("per_seed" in e for e in payload["summary"]), "no mean-of-seeds entry (docs/results.md quotes one)"
     for entry in payload["summary"]:
         if "per_seed" in entry:  # the mean over seeds: each seed against its own dense PEFT run
             seeds = [p["seed"] for p in entry["per_seed"]]
