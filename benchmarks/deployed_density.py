@@ -365,6 +365,16 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows that ``new`` did not measure again, then ``new``: a row is replaced only by one
+    of the same run (model, task, variant, steps, held-out size, learning rate, seed)."""
+    def key(r):
+        return (r["model"], r["task"], r["variant"], r["steps"], r.get("holdout_samples", 0), r.get("learning_rate"),
+                r.get("seed", 0))
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + new
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["sst2"])
@@ -428,10 +438,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     # Rows of earlier invocations (other tasks, other budgets) stay unless this one measured them again.
     old = [] if args.fresh or not out.with_suffix(".json").is_file() else json.loads(out.with_suffix(".json").read_text())["rows"]
-    key = lambda r: (r["model"], r["task"], r["variant"], r["steps"], r.get("holdout_samples", 0),  # noqa: E731
-                     r.get("seed", 0))
-    fresh = {key(r) for r in rows}
-    rows = [r for r in old if key(r) not in fresh] + rows
+    rows = merge_rows(old, rows)
     budget_sets = {**SUMMARY_BUDGETS, **holdout_budgets(rows)}
     headline = [e for name, b in budget_sets.items() for e in summary(rows, b, name)]
     headline += [e for name, b in budget_sets.items() for e in seed_mean(rows, b, name)]

@@ -59,3 +59,14 @@ def test_run_directories_name_the_seed_except_seed_0(bench):
     budget = {"epochs": 3.0, "max_train_samples": 2000, "holdout_samples": 400}
     assert bench.budget_tag(budget) == "e3-n2000-h400"  # where seed-0 runs have always lived
     assert bench.budget_tag(budget, 2) == "e3-n2000-h400-s2"
+
+
+def test_merging_keeps_a_run_at_another_learning_rate_or_seed(bench):
+    """Bug: rows were keyed without the learning rate, so SST-2 at lr 1e-3 (189 steps, seed 1)
+    replaced the rows of SST-2 at the budget's lr (also 189 steps, seed 1)."""
+    base = {**row("sst2", "v", 0.5, 0.5, 70.0, 1), "holdout_samples": 400}
+    other_lr = {**base, "learning_rate": 1e-3, "metric": 80.0}
+    other_seed = {**base, "seed": 2, "metric": 75.0}
+    again = {**base, "metric": 71.0}
+    assert bench.merge_rows([base], [other_lr, other_seed]) == [base, other_lr, other_seed]
+    assert bench.merge_rows([base, other_lr], [again]) == [other_lr, again]  # the same run measured again
