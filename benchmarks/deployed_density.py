@@ -244,9 +244,7 @@ def seed_mean(rows: list[dict], budgets: dict, name: str) -> list[dict]:
     per_seed = {s: {(e["variant"], e["target_density"]): e for e in summary(rows, budgets, name, s)} for s in seeds}
     out = []
     for key in [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]:
-        entries = [per_seed[s][key] for s in seeds]
-        if any(e["tasks"] != entries[0]["tasks"] for e in entries):
-            continue  # a task learned at one seed only: its averages are over different tasks
+        entries = [per_seed[s][key] for s in seeds]  # over the same tasks: the seeds were chosen so
         change = sum(e["avg_density_change"] for e in entries) / len(seeds)
         delta = sum(e["avg_metric_delta"] for e in entries) / len(seeds)
         out.append({**entries[0], "budget_set": f"{name}, mean of seeds {', '.join(map(str, seeds))}",
